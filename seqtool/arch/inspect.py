@@ -1,0 +1,76 @@
+"""Describe a checkpoint from its shapes alone (meta tensors: nothing is allocated)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seqtool.arch.io import DTYPE_NAMES, load_model
+from seqtool.arch.registry import config_value, get_family, head_counts, kv_cache_bytes_per_token
+
+# Which seqtool operations apply to a model, given its shape (the registry covers every family here).
+_OPERATIONS = ("patch", "convert --to gqa", "prune", "profile", "eval")
+
+
+@dataclass
+class InspectResult:
+    source: str
+    family: str
+    model_class: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_position_embeddings: int | None
+    params_total: int
+    params_attention: int
+    params_mlp: int
+    params_embeddings: int
+    dtype: str
+    attn_implementation: str
+    kv_cache_bytes_per_1k_tokens: int
+    operations: list[str]
+    recipe: list[dict] = field(default_factory=list)
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def inspect_model(source: str, *, dtype: str = "auto") -> InspectResult:
+    """Family, shapes, parameter counts and KV-cache size of ``source`` without allocating its weights."""
+    loaded = load_model(source, dtype=dtype, device="cpu", meta=True, apply_recipe=False)
+    model, config = loaded.model, loaded.model.config
+    spec = get_family(model)
+    heads, kv_heads, head_dim = head_counts(config)
+    layers = model.get_submodule(spec.layers)
+    attention = sum(_count(getattr(layer, spec.attention)) for layer in layers)
+    mlp = sum(_count(getattr(layer, spec.mlp)) for layer in layers)
+    embed = _count(model.get_submodule(spec.embed))
+    lm_head = model.get_submodule(spec.lm_head)
+    if not config.tie_word_embeddings:
+        embed += _count(lm_head)
+    total = sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates tied weights
+    weight_dtype = next(model.parameters()).dtype
+    bytes_per = next(model.parameters()).element_size()
+    operations = list(_OPERATIONS)
+    if kv_heads == 1:
+        operations.remove("convert --to gqa")
+    return InspectResult(
+        source=source, family=spec.family, model_class=type(model).__name__,
+        layers=int(config_value(config, "layers")), hidden=int(config_value(config, "hidden")),
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=int(config_value(config, "intermediate")),
+        vocab=int(config.vocab_size), max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        params_total=total, params_attention=attention, params_mlp=mlp, params_embeddings=embed,
+        dtype=DTYPE_NAMES.get(weight_dtype, str(weight_dtype)),
+        attn_implementation=str(getattr(config, "_attn_implementation", None) or "sdpa"),
+        kv_cache_bytes_per_1k_tokens=kv_cache_bytes_per_token(config, bytes_per) * 1024,
+        operations=operations, recipe=loaded.recipe or _recipe_of(loaded),
+    )
+
+
+def _recipe_of(loaded) -> list[dict]:
+    from seqtool import recipe
+
+    return recipe.read(loaded.model.config)

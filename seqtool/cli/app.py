@@ -1,0 +1,39 @@
+"""The `seqtool` command: one Typer app, one module per command."""
+from __future__ import annotations
+
+import typer
+
+from seqtool import __version__
+from seqtool.cli import common
+from seqtool.cli import inspect_cmd
+
+app = typer.Typer(
+    name="seqtool",
+    help="Rewrite Hugging Face causal LMs into cheaper long-context models and measure what it cost and saved.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    quiet: common.QuietOpt = False,
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """seqtool: sparse attention patches, GQA/MoE/hybrid conversion, pruning, profiling and evaluation."""
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+    common.set_quiet(quiet)
+    common.quiet_libraries()
+
+
+for _module in (inspect_cmd,):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    common.quiet_libraries()
+    app()

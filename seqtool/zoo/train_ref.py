@@ -1,0 +1,390 @@
+"""Train the reference model (preset ``ref``) from scratch on CPU, resumably.
+
+Data: the stdlib's source text (train split, see ``corpus.py``) mixed with
+- retrieval prompts (passkey, NIAH, multi-key NIAH, variable tracking) built by ``seqtool.eval.tasks`` with
+  the *train* key space and train-split filler, whose answer tokens get their own loss term;
+- random token strings repeated twice (loss on the second copy only), which grows induction heads that
+  copying needs.
+A length curriculum (phases of seq_len x batch) ends at 2048 tokens. Each step's batch depends only on
+(seed, step), so a resumed run sees exactly the data it would have seen.
+
+    python -m seqtool.zoo.train_ref --run-dir /path/run            # train (resumes if a checkpoint exists)
+    python -m seqtool.zoo.train_ref --run-dir /path/run --export seqtool/zoo/ref
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seqtool.errors import BadInputError
+from seqtool.eval.generate import greedy_generate
+from seqtool.eval.tasks import TASKS, make_sample
+from seqtool.zoo import corpus
+from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
+
+KINDS = ("text", "induction") + TASKS
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as ``run_dir/config.json`` and in the model card."""
+
+    seed: int = 0
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int = 32
+    intermediate_size: int = 704
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    # Curriculum: [steps, seq_len, batch] per phase.
+    phases: list = field(default_factory=lambda: [[500, 256, 32], [250, 512, 16], [150, 1024, 8], [150, 2048, 4]])
+    lr: float = 2e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    answer_loss_weight: float = 1.0
+    # Sampling weights of sample kinds (text, induction, passkey, niah, multikey, vt).
+    mix: dict = field(default_factory=lambda: {"text": 0.3, "induction": 0.25, "passkey": 0.15,
+                                               "niah": 0.1, "multikey": 0.13, "vt": 0.07})
+    tokenizer_chars: int = 3_000_000
+    train_chars: int | None = None  # None: the whole train split
+    heldout_chars: int = 400_000
+    threads: int = 2
+    bf16: bool = True
+    ckpt_every_s: float = 240.0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_samples: int = 8
+    eval_len: int = 2048
+
+    @classmethod
+    def tiny(cls) -> "TrainConfig":
+        """A seconds-long configuration for tests and CI."""
+        return cls(vocab_size=384, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                   intermediate_size=64, max_position_embeddings=1024, phases=[[2, 640, 2]], warmup=1,
+                   tokenizer_chars=60_000, train_chars=60_000, heldout_chars=60_000, eval_every=2,
+                   eval_samples=1, eval_len=640, ckpt_every_s=0.0, bf16=False)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p[0] for p in self.phases)
+
+    def phase_at(self, step: int) -> tuple[int, int]:
+        """(seq_len, batch) used at ``step``."""
+        s = 0
+        for n, length, batch in self.phases:
+            s += n
+            if step < s:
+                return length, batch
+        return self.phases[-1][1], self.phases[-1][2]
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    """A freshly initialised ``LlamaForCausalLM`` of the configured shape (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       max_position_embeddings=cfg.max_position_embeddings,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       attn_implementation="sdpa")
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(conf)
+    return model
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(cfg: TrainConfig, run_dir: Path):
+    """Tokenizer + token streams (train, heldout), built once and cached in ``run_dir``."""
+    from transformers import AutoTokenizer
+
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        text = corpus.load_text("train", cfg.tokenizer_chars)
+        train_tokenizer(chunk_text(text), vocab_size=cfg.vocab_size, out_dir=tok_dir)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok.model_max_length = 1 << 30  # streams are tokenized in long chunks; windows are cut later
+    streams = {}
+    for split, limit in (("train", cfg.train_chars), ("heldout", cfg.heldout_chars)):
+        f = run_dir / f"{split}_ids.npy"
+        if not f.exists():
+            text = corpus.load_text(split, limit)
+            ids = [i for chunk in tok(chunk_text(text, 65536), add_special_tokens=False)["input_ids"] for i in chunk]
+            np.save(f, np.asarray(ids, dtype=np.int16 if len(tok) < 32768 else np.int32))
+        streams[split] = np.load(f).astype(np.int64)
+    return tok, streams["train"], streams["heldout"]
+
+
+def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator):
+    """A train-split task prompt of ``plen`` tokens; distractors are reduced until it fits (None if never)."""
+    default = {"niah": 1, "multikey": 7, "vt": 1, "passkey": 0}[kind]
+    n = int(rng.integers(1, default + 1)) if default > 1 else default
+    depth = float(rng.random())
+    for d in range(n, -1, -1):
+        try:
+            return make_sample(kind, tok, train_ids, plen, depth, rng, split="train", check_unique=False,
+                               distractors=d)
+        except BadInputError:
+            continue
+    return None
+
+
+def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
+    """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer (token as target)."""
+    length, bsz = cfg.phase_at(step)
+    rng = np.random.default_rng([cfg.seed, 7919, step])
+    kinds = list(cfg.mix)
+    probs = np.array([cfg.mix[k] for k in kinds], dtype=float)
+    probs /= probs.sum()
+    ids = np.full((bsz, length), tok.pad_token_id, dtype=np.int64)
+    tgt = np.zeros((bsz, length), dtype=np.int64)
+    bos = tok.bos_token_id
+    for b in range(bsz):
+        kind = kinds[int(rng.choice(len(kinds), p=probs))]
+        if kind == "text":
+            off = int(rng.integers(0, len(train_ids) - length))
+            ids[b, 0] = bos
+            ids[b, 1:] = train_ids[off:off + length - 1]
+            tgt[b, 1:] = 1
+        elif kind == "induction":
+            n = (length - 1) // 2
+            r = rng.integers(3, len(tok), size=n)
+            ids[b, 0] = bos
+            ids[b, 1:1 + n] = r
+            ids[b, 1 + n:1 + 2 * n] = r
+            tgt[b, 1 + n:1 + 2 * n] = 1
+        else:
+            plen = int(rng.integers(length // 2, length - 24 + 1))
+            s = _train_sample(kind, tok, train_ids, plen, rng)
+            if s is None:  # too short even without distractors: use text instead
+                off = int(rng.integers(0, len(train_ids) - length))
+                ids[b, 0] = bos
+                ids[b, 1:] = train_ids[off:off + length - 1]
+                tgt[b, 1:] = 1
+                continue
+            seq = s.input_ids + s.answer_ids + [tok.eos_token_id]
+            seq = seq[:length]
+            ids[b, :len(seq)] = seq
+            tgt[b, 1:plen] = 1
+            tgt[b, plen:len(seq)] = 2
+    return torch.from_numpy(ids), torch.from_numpy(tgt)
+
+
+def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: float):
+    """LM loss (mean over kind-1 targets) + ``answer_weight`` * answer loss (mean over kind-2 targets)."""
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    kinds = tgt[:, 1:]
+    labels = ids[:, 1:]
+    losses = {}
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for name, k, w in (("lm", 1, 1.0), ("answer", 2, answer_weight)):
+        sel = kinds == k
+        if sel.any():
+            logits = model.lm_head(hidden[sel]).float()
+            loss = F.cross_entropy(logits, labels[sel])
+            total = total + w * loss
+            losses[name] = float(loss.detach())
+    return total, losses
+
+
+# ---------------------------------------------------------------- quick eval
+
+def quick_eval(model, tok, heldout_ids: np.ndarray, task: str, seq_len: int, n: int, seed: int = 12345) -> float:
+    """Exact-match accuracy of ``n`` eval-split prompts (held-out filler, eval keys), depths spread over [0, 1]."""
+    from seqtool.eval.scoring import exact_match, stop_token_ids
+
+    rng = np.random.default_rng([seed, seq_len, TASKS.index(task)])
+    samples = [make_sample(task, tok, heldout_ids, seq_len, i / max(1, n - 1), rng, split="eval") for i in range(n)]
+    model.eval()
+    gens = greedy_generate(model, [s.input_ids for s in samples], [len(s.answer_ids) + 4 for s in samples],
+                           pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok))
+    model.train()
+    return float(np.mean([exact_match(tok.decode(g), s.answer) for g, s in zip(gens, samples)]))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _save_ckpt(path: Path, model, opt, step: int, history: list):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history,
+                "torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
+               tmp)
+    os.replace(tmp, path)
+
+
+def _log(run_dir: Path, msg: str):
+    line = time.strftime("%H:%M:%S ") + msg
+    print(line, flush=True)
+    with open(run_dir / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    tokens: int
+    seconds: float
+    last_loss: dict
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -> TrainResult:
+    """Train (or resume) in ``run_dir`` until the curriculum ends or ``max_steps`` steps were done this call."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    cfg_file = run_dir / "config.json"
+    if cfg_file.exists():
+        saved = json.loads(cfg_file.read_text())
+        if saved != json.loads(json.dumps(asdict(cfg))):
+            _log(run_dir, "note: config differs from the saved run config; using the new one")
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
+    tok, train_ids, heldout_ids = prepare_data(cfg, run_dir)
+    model = build_model(cfg, tok)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    ckpt = run_dir / "ckpt.pt"
+    step, history = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step, history = state["step"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["np_rng"])
+        random.setstate(state["py_rng"])
+        _log(run_dir, f"resumed at step {step}")
+    else:
+        _log(run_dir, f"new run: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                      f"{len(train_ids)} train tokens, {cfg.total_steps} steps")
+    model.train()
+    t0 = time.time()
+    last_ckpt = time.time()
+    done_here = 0
+    tokens = sum(h.get("tokens", 0) for h in history[-1:]) if history else 0
+    acc: dict = {}
+    last = {}
+    while step < cfg.total_steps and (max_steps is None or done_here < max_steps):
+        length, bsz = cfg.phase_at(step)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        ids, tgt = make_batch(cfg, step, tok, train_ids)
+        ts = time.time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, parts = compute_loss(model, ids, tgt, cfg.answer_loss_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        done_here += 1
+        tokens += ids.numel()
+        for k, v in parts.items():
+            acc.setdefault(k, []).append(v)
+        if step % cfg.log_every == 0 or step == cfg.total_steps or (max_steps and done_here == max_steps):
+            last = {k: float(np.mean(v)) for k, v in acc.items()}
+            acc = {}
+            rec = {"step": step, "seq_len": length, "batch": bsz, "lr": cfg.lr_at(step - 1), "tokens": tokens,
+                   "step_s": round(time.time() - ts, 2), **{f"loss_{k}": round(v, 4) for k, v in last.items()}}
+            history.append(rec)
+            _log(run_dir, json.dumps(rec))
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                ev = {f"passkey@{length}": quick_eval(model, tok, heldout_ids, "passkey", length, cfg.eval_samples),
+                      f"multikey@{length}": quick_eval(model, tok, heldout_ids, "multikey", length, cfg.eval_samples)}
+                if cfg.eval_len != length:
+                    ev[f"passkey@{cfg.eval_len}"] = quick_eval(model, tok, heldout_ids, "passkey", cfg.eval_len,
+                                                               cfg.eval_samples)
+            if history:
+                history[-1].setdefault("eval", {}).update(ev)
+            _log(run_dir, f"eval step {step}: {json.dumps(ev)}")
+        if time.time() - last_ckpt >= cfg.ckpt_every_s or step == cfg.total_steps or cfg.phase_at(step) != (length, bsz):
+            _save_ckpt(ckpt, model, opt, step, history)
+            last_ckpt = time.time()
+    _save_ckpt(ckpt, model, opt, step, history)
+    return TrainResult(run_dir=str(run_dir), steps=step, tokens=tokens, seconds=round(time.time() - t0, 1),
+                       last_loss=last)
+
+
+# ---------------------------------------------------------------- export
+
+def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | None = None) -> Path:
+    """Write the latest checkpoint of ``run_dir`` as a bf16 HF model dir (safetensors + tokenizer + card)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    ckpt = run_dir / "ckpt.pt"
+    if not ckpt.exists():
+        raise BadInputError(f"no checkpoint at {ckpt}; train first")
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    model = build_model(cfg, tok)
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    model.load_state_dict(state["model"])
+    model = model.to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    from seqtool.zoo.ref_card import write_card
+    old_card = out_dir / "eval.json"
+    if eval_results is None and old_card.exists():
+        eval_results = json.loads(old_card.read_text())
+    write_card(tmp, cfg, state["history"], state["step"], eval_results)
+    if eval_results is not None:
+        (tmp / "eval.json").write_text(json.dumps(eval_results, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m seqtool.zoo.train_ref", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True, help="checkpoint/log directory (resumes if it has ckpt.pt)")
+    p.add_argument("--tiny", action="store_true", help="seconds-long configuration (CI)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
+    p.add_argument("--export", default=None, metavar="DIR", help="export the latest checkpoint to DIR and exit")
+    p.add_argument("--eval-json", default=None, help="with --export: eval results JSON to put in the model card")
+    a = p.parse_args(argv)
+    if a.export:
+        ev = json.loads(Path(a.eval_json).read_text()) if a.eval_json else None
+        print(export(a.run_dir, a.export, eval_results=ev))
+        return
+    cfg = TrainConfig.tiny() if a.tiny else TrainConfig()
+    print(json.dumps(asdict(train(cfg, a.run_dir, a.max_steps))))
+
+
+if __name__ == "__main__":
+    main()
