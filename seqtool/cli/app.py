@@ -16,15 +16,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def root(
     quiet: common.QuietOpt = False,
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
 ) -> None:
     """seqtool: sparse attention patches, GQA/MoE/hybrid conversion, pruning, profiling and evaluation."""
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
     common.set_quiet(quiet)
     common.quiet_libraries()
 

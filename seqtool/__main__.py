@@ -1,0 +1,4 @@
+"""`python -m seqtool` runs the CLI."""
+from seqtool.cli.app import main
+
+main()
