@@ -5,7 +5,10 @@ import typer
 
 from seqtool import __version__
 from seqtool.cli import common
-from seqtool.cli import inspect_cmd
+from seqtool.cli import eval_cmd, inspect_cmd, zoo_cmd
+from seqtool.cli import profile_cmd
+from seqtool.cli import convert_cmd, prune_cmd
+from seqtool.cli import patch_cmd
 
 app = typer.Typer(
     name="seqtool",
@@ -33,7 +36,7 @@ def root(
     common.quiet_libraries()
 
 
-for _module in (inspect_cmd,):
+for _module in (inspect_cmd, profile_cmd, eval_cmd, zoo_cmd, convert_cmd, prune_cmd, patch_cmd):
     _module.register(app)
 
 

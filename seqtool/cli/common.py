@@ -22,7 +22,7 @@ from seqtool.errors import SeqtoolError
 ModelArg = Annotated[str, typer.Argument(help="Local checkpoint directory, preset name (tiny-llama, llama-3.2-1b, ref, ...) or cached hub id.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log output on stderr.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: the checkpoint's dtype; fp32 on CPU).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: a checkpoint's own dtype, upcast to fp32 on CPU; bf16 for real-shape presets).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")]
 OutOpt = Annotated[str, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]

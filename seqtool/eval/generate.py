@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import inspect
+
 import torch
 
 
@@ -31,6 +33,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """
     from transformers import DynamicCache
 
+    # transformers renamed `past_key_values` to `cache` (>= 5.2x); older 5.x only knows the old name.
+    ckw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     dev = next(model.parameters()).device
     n = len(prompts)
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -42,11 +46,11 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     cache = DynamicCache(config=model.config)
     split = t - tail
     out = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split],
-                past_key_values=cache, use_cache=True)
+                **{ckw: cache}, use_cache=True)
     logits = out.logits[:, -1]
     for j in range(split, t):
         out = model(input_ids=ids[:, j:j + 1], attention_mask=mask[:, :j + 1], position_ids=pos[:, j:j + 1],
-                    past_key_values=cache, use_cache=True)
+                    **{ckw: cache}, use_cache=True)
         logits = out.logits[:, -1]
     gen: list[list[int]] = [[] for _ in range(n)]
     done = [lim <= 0 for lim in limits]
@@ -64,6 +68,6 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
         cur_pos = cur_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=cur_pos,
-                    past_key_values=cache, use_cache=True)
+                    **{ckw: cache}, use_cache=True)
         logits = out.logits[:, -1]
     return gen

@@ -23,3 +23,38 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, ratio: float =
     assert ref.shape == got.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     err = rel_rms(ref, got)
     assert err <= ratio, f"{name}: relative RMS error {err:.3g} > {ratio:g}"
+
+
+def random_block_pattern(B: int, H: int, Tq: int, Tk: int, *, block_q: int, block_k: int, keep: float,
+                         generator: torch.Generator | None = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random causal block lists keeping about `keep` of each query block's causal key blocks (>= 1, always
+    the diagonal block). Returns (block_index (B, H, nq, width) int32, block_count (B, H, nq) int32)."""
+    nq, nkb = -(-Tq // block_q), -(-Tk // block_k)
+    gen_device = generator.device if generator is not None else torch.device(device)
+    last_q = torch.clamp((torch.arange(nq, device=gen_device) + 1) * block_q, max=Tq) - 1 + (Tk - Tq)
+    diag = last_q // block_k
+    causal = torch.arange(nkb, device=gen_device)[None, :] <= diag[:, None]
+    score = torch.rand(B, H, nq, nkb, generator=generator, device=gen_device).masked_fill(~causal, -1.0)
+    score[..., torch.arange(nq, device=gen_device), diag] = 2.0
+    count = (causal.sum(-1) * keep).round().long().clamp(min=1).expand(B, H, nq).contiguous()
+    width = int(count.max())
+    index = score.topk(width, dim=-1, sorted=True).indices  # sorted: each row keeps its top `count`
+    return index.to(torch.int32).to(device).contiguous(), count.to(torch.int32).to(device)
+
+
+def kept_pairs(block_index: torch.Tensor, block_count: torch.Tensor, Tq: int, Tk: int, *, block_q: int,
+               block_k: int) -> int:
+    """Number of causal (query, key) pairs the block lists cover, computed block by block (no Tq x Tk mask)."""
+    B, H, nq, width = block_index.shape
+    valid = torch.arange(width, device=block_index.device) < block_count[..., None].long()
+    j = torch.arange(nq, device=block_index.device).view(1, 1, nq, 1)
+    q_lo = (Tk - Tq) + j * block_q
+    q_hi = (Tk - Tq) + torch.clamp((j + 1) * block_q, max=Tq) - 1
+    k_lo = block_index.long() * block_k
+    k_hi = torch.clamp(k_lo + block_k, max=Tk) - 1
+    total = 0
+    for i in range(block_q):  # pairs for the i-th query row of every block: keys k_lo..min(k_hi, qpos)
+        qpos = q_lo + i
+        n = (torch.minimum(k_hi, qpos) - k_lo + 1).clamp(min=0) * (qpos <= q_hi)
+        total += int((n * valid).sum())
+    return total

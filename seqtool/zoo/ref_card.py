@@ -1,0 +1,116 @@
+"""Model card (README.md) of the exported reference model: data, curriculum, loss curve, eval results."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _loss_rows(history: list[dict], n_rows: int = 16) -> list[dict]:
+    if len(history) <= n_rows:
+        return history
+    idx = sorted({round(i * (len(history) - 1) / (n_rows - 1)) for i in range(n_rows)})
+    return [history[i] for i in idx]
+
+
+def _ascii_curve(history: list[dict], key: str = "loss_lm", width: int = 60, height: int = 10) -> str:
+    pts = [(h["step"], h[key]) for h in history if key in h]
+    if len(pts) < 2:
+        return ""
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    span = (hi - lo) or 1.0
+    cols = [pts[round(i * (len(pts) - 1) / (width - 1))][1] for i in range(width)]
+    grid = [[" "] * width for _ in range(height)]
+    for x, v in enumerate(cols):
+        grid[height - 1 - round((v - lo) / span * (height - 1))][x] = "*"
+    lines = [f"{hi - r * span / (height - 1):7.3f} |" + "".join(row) for r, row in enumerate(grid)]
+    lines.append(" " * 8 + "+" + "-" * width)
+    lines.append(" " * 9 + f"step {pts[0][0]} .. {pts[-1][0]}")
+    return "\n".join(lines)
+
+
+def _eval_section(ev: dict | None) -> str:
+    if not ev:
+        return "Not evaluated yet: run `seqtool eval ref --task all --seq-len 2k`.\n"
+    out = []
+    if ev.get("command"):
+        out.append(f"Command: `{ev['command']}` ({ev.get('seconds', '?')} s on {ev.get('machine', 'CPU')}).\n")
+    for p in ev.get("ppl", []):
+        out.append(f"- held-out perplexity ({p['data']}, window {p['seq_len']}, stride {p['stride']}, "
+                   f"{p['tokens']} tokens): **{p['ppl']:.3f}** (NLL {p['nll']:.4f})")
+    if ev.get("scores"):
+        out.append("\n| task | seq_len | depth | samples | accuracy |\n|---|---|---|---|---|")
+        for s in ev["scores"]:
+            out.append(f"| {s['task']} | {s['seq_len']} | {s['depth']:g} | {s['samples']} | {s['accuracy']:.3f} |")
+        means: dict = {}
+        for s in ev["scores"]:
+            acc = means.setdefault((s["task"], s["seq_len"]), [0.0, 0])
+            acc[0] += s["accuracy"] * s["samples"]
+            acc[1] += s["samples"]
+        out.append("\nMeans: " + ", ".join(f"{t}@{L} = {a / n:.3f}" for (t, L), (a, n) in means.items()))
+    if ev.get("notes"):
+        out.append("\n" + ev["notes"])
+    return "\n".join(out) + "\n"
+
+
+def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results: dict | None) -> Path:
+    """Write ``out_dir/README.md`` from the run config, its loss history and (optional) eval results."""
+    from seqtool.zoo.corpus import corpus_info
+
+    info = corpus_info()
+    tokens = history[-1]["tokens"] if history else 0
+    rows = ["| step | seq_len x batch | lr | LM loss | answer loss | quick eval |", "|---|---|---|---|---|---|"]
+    for h in _loss_rows(history):
+        ev = ", ".join(f"{k}={v:.2f}" for k, v in h.get("eval", {}).items())
+        rows.append(f"| {h['step']} | {h['seq_len']}x{h['batch']} | {h['lr']:.2e} | {h.get('loss_lm', float('nan')):.3f} "
+                    f"| {h.get('loss_answer', float('nan')):.3f} | {ev} |")
+    evals = [h for h in history if h.get("eval")]
+    ev_rows = "\n".join(f"- step {h['step']}: " + ", ".join(f"{k}={v:.2f}" for k, v in h["eval"].items()) for h in evals)
+    cfg_d = asdict(cfg)
+    text = f"""# seqtool reference model (`ref`)
+
+A {cfg.num_layers}-layer Llama-architecture causal LM (hidden {cfg.hidden_size}, {cfg.num_heads} heads,
+{cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, MLP {cfg.intermediate_size}, RoPE theta {cfg.rope_theta:g},
+tied embeddings, vocab {cfg.vocab_size} byte-level BPE) trained from scratch on CPU by
+`python -m seqtool.zoo.train_ref` (also `seqtool zoo train-ref`). Weights are stored in bf16.
+It exists so that seqtool's rewrites (GQA conversion, pruning, sparse attention) can be measured on a model
+that really retrieves; it is not a useful language model.
+
+## Data
+- Text: the Python {info.python} standard library sources ({info.n_train_files} train files,
+  {info.train_chars:,} characters; one top-level module in eight is held out by hash:
+  {info.n_heldout_files} files, {info.heldout_chars:,} characters).
+- Synthetic samples built by `seqtool.eval.tasks` with the *train* key space (keys whose hash bucket is
+  not the eval bucket) and train-split filler: passkey, NIAH, multi-key NIAH, variable tracking. The answer
+  tokens have their own loss term (mean over answer tokens, added to the LM loss).
+- Random token strings repeated twice, loss on the second copy only (grows induction heads).
+- Sampling mix: {cfg_d['mix']}.
+- Evaluation prompts use held-out filler, the disjoint eval key space and their own seeds.
+
+## Training
+- Curriculum (steps, seq_len, batch): {cfg_d['phases']}; AdamW lr {cfg.lr:g} (warmup {cfg.warmup},
+  cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, bf16 autocast,
+  seed {cfg.seed}.
+- This checkpoint: step **{step}** of {cfg.total_steps}, {tokens:,} training tokens.
+
+### Loss curve
+{chr(10).join(rows)}
+
+```
+LM loss
+{_ascii_curve(history)}
+```
+
+### Quick evals during training (8 eval-split prompts each, depths spread over 0..1)
+{ev_rows or '- none'}
+
+## Evaluation
+{_eval_section(eval_results)}
+## Use
+```
+seqtool eval ref --task all --seq-len 2k
+python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('seqtool/zoo/ref')"
+```
+"""
+    path = Path(out_dir) / "README.md"
+    path.write_text(text)
+    return path

@@ -69,26 +69,23 @@ def vertical_slash_mask(Tq, Tk, vertical_index, slash_index, *, block_q, block_k
     (slash offset o puts query p' on key p' - o).
     """
     B, H, _ = vertical_index.shape
-    nkb = -(-Tk // block_k)
     mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
-            for i in range(Tq):
-                J = i // block_q
-                blocks = set()
-                for ii in range(J * block_q, min((J + 1) * block_q, Tq)):
-                    p2 = Tk - Tq + ii
-                    for o in slash_index[b, h].tolist():
-                        if 0 <= p2 - o < Tk:
-                            blocks.add((p2 - o) // block_k)
-                for blk in blocks:
-                    mask[b, h, i, blk * block_k:min((blk + 1) * block_k, Tk)] = True
+            for J in range(-(-Tq // block_q)):
+                rows = slice(J * block_q, min((J + 1) * block_q, Tq))
+                first, last = Tk - Tq + rows.start, Tk - Tq + rows.stop - 1
+                for o in slash_index[b, h].tolist():
+                    if o < 0 or last - o < 0:
+                        continue
+                    # the line hits keys first-o .. last-o; mark every key block it touches
+                    lo_blk, hi_blk = max(first - o, 0) // block_k, (last - o) // block_k
+                    mask[b, h, rows, lo_blk * block_k:min((hi_blk + 1) * block_k, Tk)] = True
                 for t in vertical_index[b, h].tolist():
                     if 0 <= t < Tk:
-                        mask[b, h, i, t] = True
+                        mask[b, h, rows, t] = True
     qpos = torch.arange(Tq) + (Tk - Tq)
     mask &= torch.arange(Tk)[None, :] <= qpos[:, None]
     if kv_start is not None:
         mask &= torch.arange(Tk)[None, None, None, :] >= kv_start.cpu().long()[:, None, None, None]
-    assert nkb >= 1
     return mask

@@ -1,0 +1,50 @@
+"""`seqtool prune MODEL --ratio 0.3 -o OUT`: AMP structured pruning of attention heads and MLP channels."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from seqtool.cli.common import DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, emit, handle_errors, log
+from seqtool.cli.convert_cmd import (CalibOpt, OutputOpt, RecoverOpt, SamplesOpt, SeedOpt, SeqLenOpt, StepsOpt,
+                                     render, resolve_output)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    @handle_errors
+    def prune_command(
+        model: ModelArg,
+        ratio: Annotated[float, typer.Option("--ratio", help="Fraction of attention + MLP parameters to remove, in [0, 1).")],
+        output: OutputOpt = None,
+        target: Annotated[str, typer.Option("--target", help="What to prune: heads,mlp | heads | mlp.")] = "heads,mlp",
+        criterion: Annotated[str, typer.Option("--criterion", help="amp (calibrated contributions) | magnitude | random.")] = "amp",
+        round_to: Annotated[int | None, typer.Option("--round-to", help="Keep the intermediate size a multiple of this.", show_default=False)] = None,
+        gqa_unit: Annotated[str, typer.Option("--gqa-unit", help="GQA models: query (same number of query heads from every group) | group (whole KV groups).")] = "query",
+        calib: CalibOpt = None,
+        samples: SamplesOpt = 50,
+        seq_len: SeqLenOpt = 128,
+        recover: RecoverOpt = None,
+        steps: StepsOpt = 100,
+        seed: SeedOpt = 0,
+        force: ForceOpt = False,
+        in_place: InPlaceOpt = False,
+        dtype: DtypeOpt = "auto",
+        device: DeviceOpt = "auto",
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Remove the least important heads and MLP channels, the same number in every layer.
+
+        Examples:
+          seqtool prune ref --ratio 0.3 -o ref-pruned
+          seqtool prune ./llama --ratio 0.2 --round-to 64 --recover lora --steps 200 -o ./llama-p20
+        """
+        from seqtool.convert.prune import prune_model
+
+        out = resolve_output(model, output, in_place)
+        log(f"pruning {ratio:g} of {model} ({criterion}) ...")
+        result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
+                             gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                             recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype,
+                             device=device)
+        emit(result, json_out, render)

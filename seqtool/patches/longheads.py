@@ -1,0 +1,84 @@
+"""LongHeads: every query head picks the context chunks it attends, within the trained length.
+
+Chunks are ``block_size`` keys. A finished chunk gets a *chunk key*: its queries attend (non-causally) over the
+chunk's own keys; the mean of those outputs, over the chunk's queries and the query heads of the KV group, is a
+summary vector that attends the chunk's keys once more, and the resulting softmax-weighted mean key represents the
+chunk (LongHeads' chunk representation; the cache layer keeps chunk keys and the open chunk's queries, see
+:mod:`seqtool.patches._units`). Each query head scores the middle chunks by ``sum(q over the query block) · chunk
+key`` and keeps the best, always with the first chunk and the ``local_blocks`` chunks ending at the query block.
+
+Budget → units: the budget (key positions per query, resolved at each query block's last query) is rounded up to
+whole chunks, first + local chunks included; ``trained_len`` (0 = off) caps the kept positions per query so each
+head attends at most the model's trained length. Original positions are kept: LongHeads also re-encodes the
+selected chunks' positions to stay within the trained range, which this patch cannot do because RoPE is already
+applied to the keys it receives (documented limitation). Prefill and decode run ``kernels.block_sparse_attn``
+(:class:`BlockSelection`, per query head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from seqtool.errors import BadInputError
+from seqtool.patches._blocks import assemble, plan_blocks, query_blocks, topk_middle
+from seqtool.patches._units import unit_reps
+from seqtool.patches.base import AttentionMethod, AttnCall
+from seqtool.patches.cache import SeqtoolCacheLayer
+from seqtool.patches.registry import register_method
+from seqtool.patches.selection import BlockSelection, Selection
+
+
+def chunk_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q`` ``(b, Hkv, g, n, U, D)``, ``k``/``v`` ``(b, Hkv, n, U, D)`` → chunk keys ``(b, Hkv, n, D)``.
+
+    Within-chunk attention costs ``U^2`` per chunk (linear in the sequence length)."""
+    probs = torch.softmax(torch.einsum("bhgnud,bhnwd->bhgnuw", q, k) * scale, -1)
+    summary = torch.einsum("bhgnuw,bhnwd->bhnd", probs, v) / (q.shape[2] * q.shape[4])
+    weights = torch.softmax(torch.einsum("bhnd,bhnwd->bhnw", summary, k) * scale, -1)
+    return torch.einsum("bhnw,bhnwd->bhnd", weights, k)
+
+
+@register_method
+@dataclass
+class LongHeadsMethod(AttentionMethod):
+    """LongHeads chunk selection per head; see the module docstring."""
+
+    name = "longheads"
+    budget_units = ("chunks of block_size tokens per query block and head (first + local chunks included), capped "
+                    "at trained_len positions")
+
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    trained_len: int = 0
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.sink_blocks < 0 or self.local_blocks < 1 or self.trained_len < 0:
+            raise BadInputError("longheads needs block_size >= 1, sink_blocks >= 0, local_blocks >= 1, "
+                                "trained_len >= 0")
+
+    def _select(self, call: AttnCall, bq: int) -> BlockSelection:
+        b, hq, tq, d = call.q.shape
+        hkv = call.k.shape[1]
+        keys = unit_reps(call, self.block_size, chunk_keys, self.name)  # (b, Hkv, nu, D)
+        plan = plan_blocks(tq, call.tk, bq, self.block_size, self.budget_rule, self.sink_blocks, self.local_blocks,
+                           call.q.device, max_tokens=self.trained_len or None)
+        qb, _ = query_blocks(call.q.float(), bq)
+        qsum = qb.sum(3).reshape(b, hkv, hq // hkv, plan.nq, d)
+        sc = torch.einsum("bhgqd,bhud->bhgqu", qsum, keys).reshape(b, hq, plan.nq, -1)
+        missing = plan.nk - sc.shape[-1]
+        if missing:
+            sc = torch.nn.functional.pad(sc, (0, missing), value=float("-inf"))
+        index, count = assemble(plan, topk_middle(plan, sc))
+        return BlockSelection(index, count, bq, self.block_size, tq, call.tk)
+
+    def select(self, call: AttnCall) -> Selection:
+        return self._select(call, self.block_size)
+
+    def select_decode(self, call: AttnCall) -> Selection:
+        return self._select(call, call.tq)
+
+    def make_cache_layer(self, runtime: Any) -> SeqtoolCacheLayer:
+        return SeqtoolCacheLayer(runtime)  # chunk keys + the open chunk's queries live in ``state``

@@ -1,0 +1,90 @@
+"""``recycled``: Recycled Attention for decode (Xu et al., 2024).
+
+Every ``stride`` decode steps (and at the end of prefill) a *full* step attends every key and records, per KV
+head, the ``K`` keys with the most attention mass (summed over the query heads of the group). The steps in
+between attend only those ``K`` keys plus every token that came after the full step. Prefill is dense.
+
+Budget → units: ``K = budget.tokens(context at the full step)``; ``stride`` (the refresh interval S) is separate.
+The top-K indices live in the cache layer (:func:`~seqtool.patches.make_cache`); without it every step is a full
+step (nothing can be recycled). Decode computes with ``kernels.decode_attn`` over the gathered keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from seqtool.errors import BadInputError
+from seqtool.patches.base import AttentionMethod, AttnCall
+from seqtool.patches.cache import SeqtoolCacheLayer
+from seqtool.patches.registry import register_method
+from seqtool.patches.selection import KeptSelection, Selection, TokenSelection
+
+
+class _FullStep(KeptSelection):
+    """A full step that also records the top-K keys of its last query for the next steps."""
+
+    def __init__(self, call: AttnCall, method: "Recycled"):
+        super().__init__(call.q.shape[0], call.q.shape[1], call.tq, call.tk, call.q.device)
+        self._call, self._method = call, method
+
+    def attend(self, q, k, v, scale):
+        if self.tq > 16:
+            out = self.dense_prefill(q, k, v, scale)
+        else:
+            out = super().attend(q, k, v, scale)
+        self._method.record_topk(self._call)
+        return out
+
+    @staticmethod
+    def dense_prefill(q, k, v, scale):
+        from seqtool.patches.selection import dense_attention
+
+        return dense_attention(q, k, v, scale)
+
+
+@register_method
+@dataclass
+class Recycled(AttentionMethod):
+    name: ClassVar[str] = "recycled"
+    budget_units: ClassVar[str] = "K = tokens recycled from the last full step (stride S separate)"
+
+    budget: float | str | None = 0.25
+    stride: int = 16
+
+    def validate(self) -> None:
+        if self.stride < 1:
+            raise BadInputError("recycled needs stride >= 1")
+
+    def select(self, call: AttnCall) -> Selection:
+        if call.cache is not None:
+            call.cache.state[("recycled", call.key_offset)] = {"steps": 0}
+            return _FullStep(call, self)
+        return self.dense_selection(call)
+
+    def select_decode(self, call: AttnCall) -> Selection:
+        state = call.cache.state.get(("recycled", call.key_offset)) if call.cache is not None else None
+        if state is None or "index" not in state or state["steps"] % self.stride == self.stride - 1 \
+                or state["index"].shape[0] != call.q.shape[0]:
+            if call.cache is not None:
+                call.cache.state[("recycled", call.key_offset)] = {"steps": 0}
+            return _FullStep(call, self) if call.cache is not None else \
+                KeptSelection(call.q.shape[0], call.q.shape[1], call.tq, call.tk, call.q.device)
+        state["steps"] += 1
+        since = torch.arange(state["full_pos"] + 1, call.tk, device=call.q.device)
+        index = torch.cat([state["index"], since.expand(*state["index"].shape[:2], -1)], -1)
+        return TokenSelection(index, call.n_rep, call.tq, call.tk)
+
+    def record_topk(self, call: AttnCall) -> None:
+        """Top-K keys of the call's last query, per KV head, into the cache state."""
+        b, hkv, tk = call.k.shape[0], call.k.shape[1], call.tk
+        q = call.q[:, :, -1:].float().view(b, hkv, call.n_rep, -1)
+        scores = torch.einsum("bgrd,bgkd->bgrk", q, call.k.float()) * call.scale
+        mass = torch.softmax(scores, -1).sum(2)  # (b, Hkv, Tk)
+        k_keep = self.budget_rule.tokens(tk)
+        index = mass.topk(k_keep, -1).indices.sort(-1).values
+        call.cache.state[("recycled", call.key_offset)].update(index=index, full_pos=tk - 1)
+
+    def make_cache_layer(self, runtime: Any) -> SeqtoolCacheLayer:
+        return SeqtoolCacheLayer(runtime)

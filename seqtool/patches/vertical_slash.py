@@ -1,0 +1,84 @@
+"""``vertical_slash``: MInference-style vertical columns + slash diagonals, estimated per head.
+
+The last ``last_q`` queries of the call attend every causal key (a ``last_q x Tk`` score tensor per head, never
+``Tq x Tk``); their softmax mass summed per key column gives vertical scores, summed per diagonal offset
+(``query position - key position``) gives slash scores. Slash offsets are grouped into bands of ``block`` offsets
+(a band covers exactly one key block per query block, as the kernel runs slashes block-wise) and the best bands
+are kept; the best columns are kept as exact key columns. Band 0 (the local diagonal) and the first
+``sink_tokens`` columns are always kept.
+
+Budget → units, with ``tokens = budget.tokens(Tk)``: ``ceil((1 - vertical_share) * tokens / block)`` slash bands
+and ``ceil(vertical_share * tokens)`` vertical columns. Prefill only: decode steps attend every key
+(``kernels.decode_attn``), as in MInference. Computed by ``kernels.block_sparse_attn`` with key columns.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from seqtool.errors import BadInputError
+from seqtool.patches import _ops as kernels
+from seqtool.patches.base import AttentionMethod, AttnCall
+from seqtool.patches.registry import register_method
+from seqtool.patches.selection import ColumnBlockSelection, KeptSelection, Selection
+
+
+@register_method
+@dataclass
+class VerticalSlash(AttentionMethod):
+    name: ClassVar[str] = "vertical_slash"
+    budget_units: ClassVar[str] = "ceil((1-vertical_share)*tokens/block) slash bands + ceil(vertical_share*tokens) columns"
+
+    budget: float | str | None = 0.25
+    block: int = 64
+    last_q: int = 64
+    vertical_share: float = 0.5
+    sink_tokens: int = 4
+
+    def validate(self) -> None:
+        if self.block < 1 or self.last_q < 1 or not 0 <= self.vertical_share <= 1 or self.sink_tokens < 0:
+            raise BadInputError("vertical_slash needs block >= 1, last_q >= 1, 0 <= vertical_share <= 1, sink_tokens >= 0")
+
+    def estimate(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical ``(B, Hq, Tk)`` and slash-offset ``(B, Hq, Tk)`` attention mass of the last queries."""
+        b, hq = call.q.shape[:2]
+        n = min(self.last_q, call.tq)
+        q_last = call.q[:, :, -n:].float()
+        k = call.k.float().repeat_interleave(call.n_rep, 1) if call.n_rep > 1 else call.k.float()
+        scores = (q_last @ k.transpose(-1, -2)) * call.scale  # (B, Hq, n, Tk)
+        pos = torch.arange(call.tk - n, call.tk, device=call.q.device)
+        keys = torch.arange(call.tk, device=call.q.device)
+        causal = keys[None, :] <= pos[:, None]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        vertical = probs.sum(2)
+        offsets = (pos[:, None] - keys[None, :]).clamp(min=0).expand(b, hq, n, call.tk)
+        slash = torch.zeros(b, hq, call.tk, device=call.q.device).scatter_add_(
+            -1, offsets.reshape(b, hq, -1), (probs * causal).reshape(b, hq, -1))
+        return vertical, slash
+
+    def select(self, call: AttnCall) -> Selection:
+        bs = self.block
+        b, hq = call.q.shape[:2]
+        vertical, slash = self.estimate(call)
+        tokens = self.budget_rule.tokens(call.tk)
+        n_bands_all = -(-call.tk // bs)
+        if self.budget_rule.is_full:  # every diagonal band covers every causal key
+            n_bands, n_cols = n_bands_all, 0
+        else:
+            n_bands = min(n_bands_all, max(1, math.ceil((1 - self.vertical_share) * tokens / bs)))
+            n_cols = min(call.tk, math.ceil(self.vertical_share * tokens))
+        band = torch.nn.functional.pad(slash, (0, n_bands_all * bs - call.tk)).view(b, hq, n_bands_all, bs).sum(-1)
+        band[..., 0] = float("inf")
+        slash_index = band.topk(n_bands, -1).indices * bs
+        vertical[..., : self.sink_tokens] = float("inf")
+        vertical_index = vertical.topk(n_cols, -1).indices if n_cols else vertical.new_zeros(b, hq, 1, dtype=torch.long)
+        vcount = torch.full((b, hq), n_cols, dtype=torch.int32, device=call.q.device)
+        bi, bc, ci, cc = kernels.vertical_slash_index(vertical_index, slash_index, call.tq, call.tk, block_q=bs,
+                                                      block_k=bs, vertical_count=vcount)
+        return ColumnBlockSelection(bi, bc, bs, bs, call.tq, call.tk, column_index=ci, column_count=cc)
+
+    def select_decode(self, call: AttnCall) -> Selection:
+        return KeptSelection(call.q.shape[0], call.q.shape[1], call.tq, call.tk, call.q.device)

@@ -1,0 +1,65 @@
+"""Estimate the memory one profiled length needs, so a length that cannot fit is reported, not thrashed.
+
+The estimate is deliberately simple (it is compared against free memory, not reported as a measurement):
+weights + dense KV cache for ``seq_len + decode_tokens`` tokens + the largest per-layer activation set of a
+prefill (hidden states, q/k/v, MLP intermediates; eager attention adds the T×T scores and their fp32 softmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqtool.arch.registry import config_value, head_counts, kv_cache_bytes_per_token
+
+# Python + torch + transformers in a fresh measurement process, before any weights.
+CPU_RUNTIME_OVERHEAD = 600 * 1024**2
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+
+def estimate_memory(config, *, weight_bytes: int, bytes_per_element: int, batch: int, seq_len: int,
+                    decode_tokens: int, attn: str | None) -> MemoryEstimate:
+    """Bytes a prefill of ``batch × seq_len`` plus ``decode_tokens`` cached decode steps needs."""
+    heads, kv_heads, head_dim = head_counts(config)
+    hidden = int(config_value(config, "hidden"))
+    inter = int(config_value(config, "intermediate"))
+    n = batch * seq_len
+    b = bytes_per_element
+    attention_phase = n * (4 * hidden + 3 * heads * head_dim + 4 * kv_heads * head_dim) * b
+    if attn == "eager":
+        # scores in the model dtype, softmax in fp32, probabilities cast back
+        attention_phase += batch * heads * seq_len * seq_len * (2 * b + 4)
+    mlp_phase = n * (3 * hidden + 4 * inter) * b
+    logits = batch * int(config.vocab_size) * 4 * 2
+    kv = kv_cache_bytes_per_token(config, b) * batch * (seq_len + decode_tokens)
+    return MemoryEstimate(weight_bytes, kv, max(attention_phase, mlp_phase) + logits)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use now: free GPU memory, or the OS's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks PyTorch caches but does not use are free for us, though not for the driver
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def fits(estimate: MemoryEstimate, available: int, *, weights_loaded: bool, overhead: int = 0) -> tuple[bool, int]:
+    """(whether it fits, bytes still needed): weights already in memory are not counted again; ``overhead``
+    is what a fresh measurement process needs besides (``CPU_RUNTIME_OVERHEAD`` for a CPU subprocess)."""
+    needed = estimate.total - (estimate.weights if weights_loaded else 0) + overhead
+    return needed <= available, needed

@@ -1,0 +1,59 @@
+"""Test helpers: tiny models and a dense reference attention masked to recorded selections."""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from seqtool.zoo.presets import build_preset
+
+REF_NAME = "seqtool_test_masked_ref"
+_MASKS: dict[int, torch.Tensor] = {}
+
+
+def tiny(name: str = "tiny-qwen2"):
+    model, _ = build_preset(name, dtype=torch.float32)
+    return model.eval()
+
+
+def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    mask = _MASKS[module.layer_idx]  # (B, Hq, Tq, Tk) bool
+    rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(rep, 1).double()
+    v = value.repeat_interleave(rep, 1).double()
+    scores = (query.double() @ k.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(REF_NAME, _masked_attention)
+
+
+def masked_forward(model, input_ids: torch.Tensor, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Logits of an unpatched ``model`` whose every layer attends exactly ``masks[layer]``."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionMaskInterface.register(REF_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    _MASKS.clear()
+    _MASKS.update(masks)
+    try:
+        model.set_attn_implementation(REF_NAME)
+        with torch.no_grad():
+            return model(input_ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def stitched_masks(records: dict, total: int) -> dict[int, torch.Tensor]:
+    """Full (B, Hq, total, total) masks per layer from recorded calls (no padding, no eviction)."""
+    out = {}
+    for layer, recs in records.items():
+        first = recs[0].selection.mask()
+        b, h = first.shape[:2]
+        full = torch.zeros(b, h, total, total, dtype=torch.bool)
+        for rec in recs:
+            m = rec.selection.mask()
+            tq, tk = m.shape[-2:]
+            full[:, :, tk - tq : tk, :tk] = m
+        out[layer] = full
+    return out
