@@ -81,7 +81,7 @@ def markdown(meta: dict, rows: list) -> str:
         ratio = None if not r.speedup else 1 / r.speedup
         head.append(f"| {r.op} | {r.shape} | {r.variant} | {_num(r.sparsity, '.3f')} | {r.ms:.3f} | {r.baseline} | "
                     f"{_num(r.baseline_ms, '.3f')} | {_num(r.speedup, '.2f')} | {_num(ratio, '.3f')} | "
-                    f"{_num(r.tflops, ".3g")} | {_num(r.mem_mb, '.0f')} | {r.note} |")
+                    f"{_num(r.tflops, '.3g')} | {_num(r.mem_mb, '.0f')} | {r.note} |")
     return "\n".join(head) + "\n"
 
 

@@ -46,7 +46,7 @@ def calibration_ids(tokenizer, *, path: str | Path | None = None, samples: int =
     else:
         # ~1 token per 2 characters is a safe lower bound for byte and BPE tokenizers; 4x leaves room to sample.
         text = builtin_text(samples * seq_len * 8)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seq_len:
         raise BadInputError(
             f"calibration text has {ids.numel()} tokens but --seq-len is {seq_len}; give a longer --calib file"

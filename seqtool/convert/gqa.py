@@ -9,6 +9,8 @@ share the new one. Two groupings:
   k/v rows together), and pool with norm-aware weights: every member's K (V) projection is divided by its key (value)
   norm ``c_i`` before averaging, and ``c_i / mean(c)`` is folded back into that member's query rows (o_proj columns),
   so heads with very different scales are merged without one dominating and each query keeps its logit scale.
+  Per group (and separately for K and V) the norm-aware pooling is used only where it gives a smaller merge error
+  on the calibration activations than plain mean pooling (both errors follow from the Gram matrix).
 
 Similarity of two heads is the uncentred cosine of their normalised K activations plus that of their V
 activations over all calibration tokens (pre-RoPE; RoPE rotates every head alike). For normalised heads the
@@ -77,8 +79,8 @@ class GQAConversion(Conversion):
             else:
                 gram_k, gram_v, n_tok = stats[i]
                 groups = best_partition(correlation(gram_k) + correlation(gram_v), r)
-                k_scale = (gram_k.diagonal() / n_tok).sqrt().clamp_min(1e-12)
-                v_scale = (gram_v.diagonal() / n_tok).sqrt().clamp_min(1e-12)
+                k_scale = pooling_scales(gram_k, groups, n_tok)
+                v_scale = pooling_scales(gram_v, groups, n_tok)
                 if spec.qk_norms:  # k_norm re-normalises every key and q_norm hides per-head query scales
                     k_scale = torch.ones(kv, dtype=torch.float64)
             write_attention(attn, spec, merge_heads(w, groups, head_dim, heads // kv, k_scale, v_scale))
@@ -96,7 +98,7 @@ def merge_heads(w: AttnWeights, groups: list[list[int]], head_dim: int, q_per_kv
     """
     order = [h for g in groups for h in g]
     q_heads = [h * q_per_kv + j for h in order for j in range(q_per_kv)]
-    q_rows = head_rows(q_heads, head_dim)
+    q_rows = head_rows(q_heads, head_dim).to(w.q.device)
     dtype = w.q.dtype
     # Per query head (new order): its old KV head's scale relative to its group's mean scale.
     k_rel, v_rel = torch.ones(len(q_heads), dtype=torch.float64), torch.ones(len(q_heads), dtype=torch.float64)
@@ -111,8 +113,8 @@ def merge_heads(w: AttnWeights, groups: list[list[int]], head_dim: int, q_per_kv
             new_kb.append(_pool(w.k_bias[:, None], group, head_dim, kc)[:, 0])
         if w.v_bias is not None:
             new_vb.append(_pool(w.v_bias[:, None], group, head_dim, vc)[:, 0])
-    q_mult = k_rel.repeat_interleave(head_dim).to(dtype)
-    o_mult = v_rel.repeat_interleave(head_dim).to(dtype)
+    q_mult = k_rel.repeat_interleave(head_dim).to(w.q.device, dtype)
+    o_mult = v_rel.repeat_interleave(head_dim).to(w.q.device, dtype)
     return AttnWeights(
         q=w.q[q_rows] * q_mult[:, None],
         k=torch.cat(new_k), v=torch.cat(new_v),
@@ -127,8 +129,31 @@ def merge_heads(w: AttnWeights, groups: list[list[int]], head_dim: int, q_per_kv
 def _pool(weight: torch.Tensor, group: list[int], head_dim: int, scale: torch.Tensor) -> torch.Tensor:
     """mean(scale) · mean_i(W_i / scale_i) over the group's heads: (D, in) from (H*D, in)."""
     blocks = weight.reshape(-1, head_dim, weight.shape[-1])[group].double()
+    scale = scale.to(blocks.device)
     pooled = (blocks / scale[:, None, None]).mean(0) * scale.mean()
     return pooled.to(weight.dtype)
+
+
+def merge_errors(gram: torch.Tensor, group: list[int], scale: torch.Tensor) -> float:
+    """Σ_t Σ_i ‖a_i − s_i·mean_j(a_j / s_j)‖² over calibration tokens, from the Gram matrix: the error each member
+    sees after pooling with per-head scales ``s`` folded back (all ones = plain mean pooling)."""
+    g = gram[group][:, group]
+    s = scale[group]
+    gn = g / s[:, None] / s[None, :]
+    r = len(group)
+    per_member = gn.diagonal() - 2 * gn.sum(1) / r + gn.sum() / r**2
+    return float((s**2 * per_member).sum())
+
+
+def pooling_scales(gram: torch.Tensor, groups: list[list[int]], n_tok: int) -> torch.Tensor:
+    """Per-head scales for pooling: the activation RMS norm (norm-aware) in groups where that gives a smaller
+    calibration merge error than plain mean pooling, else ones."""
+    norms = (gram.diagonal() / max(n_tok, 1)).sqrt().clamp_min(1e-12)
+    scale = torch.ones_like(norms)
+    for group in groups:
+        if merge_errors(gram, group, norms) < merge_errors(gram, group, scale) - 1e-12:
+            scale[group] = norms[group]
+    return scale
 
 
 def correlation(gram: torch.Tensor) -> torch.Tensor:
@@ -148,7 +173,7 @@ def collect_kv_gram(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Ten
 
     def gram(x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, kv, head_dim).double()
-        return torch.einsum("nhd,ngd->hg", x, x)
+        return torch.einsum("nhd,ngd->hg", x, x).cpu()
 
     def hook_for(i: int, part: str):
         def hook(_module, _inputs, out):

@@ -158,13 +158,13 @@ def amp_scores(model: nn.Module, ids: torch.Tensor, token_chunk: int = 2048) -> 
             w_o = o_proj.weight.reshape(o_proj.weight.shape[0], heads, head_dim)
             for s in range(0, x.shape[0], token_chunk):
                 contrib = torch.einsum("nhd,ohd->nho", x[s:s + token_chunk].float(), w_o.float())
-                sums[i][0] += contrib.abs().sum(-1).sum(0).double()
+                sums[i][0] += contrib.abs().sum(-1).sum(0).double().cpu()
             sums[i][2] += x.shape[0]
         return hook
 
     def down_hook(i: int):
         def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float().abs().sum(0).double()
+            x = args[0].reshape(-1, args[0].shape[-1]).float().abs().sum(0).double().cpu()
             sums[i][1] = x if sums[i][1] is None else sums[i][1] + x
         return hook
 
@@ -203,7 +203,7 @@ def magnitude_scores(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor,
         for b in (m.gate_bias, m.up_bias):
             if b is not None:
                 ch = ch + b.float().pow(2)
-        out.append((q.double(), kv.double(), ch.double()))
+        out.append((q.double().cpu(), kv.double().cpu(), ch.double().cpu()))
     return out
 
 
@@ -238,7 +238,7 @@ def choose_heads(plan: PrunePlan, q_scores: torch.Tensor, kv_scores: torch.Tenso
 
 
 def slice_attention(w: AttnWeights, kept_q: list[int], kept_kv: list[int], head_dim: int) -> AttnWeights:
-    q_rows, kv_rows = head_rows(kept_q, head_dim), head_rows(kept_kv, head_dim)
+    q_rows, kv_rows = head_rows(kept_q, head_dim).to(w.q.device), head_rows(kept_kv, head_dim).to(w.q.device)
     pick = lambda t, rows: None if t is None else t[rows]  # noqa: E731
     return AttnWeights(q=w.q[q_rows], k=w.k[kv_rows], v=w.v[kv_rows], o=w.o[:, q_rows],
                        q_bias=pick(w.q_bias, q_rows), k_bias=pick(w.k_bias, kv_rows),
@@ -246,7 +246,7 @@ def slice_attention(w: AttnWeights, kept_q: list[int], kept_kv: list[int], head_
 
 
 def slice_mlp(m: MlpWeights, kept: list[int]) -> MlpWeights:
-    idx = torch.as_tensor(kept, dtype=torch.long)
+    idx = torch.as_tensor(kept, dtype=torch.long, device=m.gate.device)
     pick = lambda t: None if t is None else t[idx]  # noqa: E731
     return MlpWeights(gate=m.gate[idx], up=m.up[idx], down=m.down[:, idx], gate_bias=pick(m.gate_bias),
                       up_bias=pick(m.up_bias), down_bias=m.down_bias)

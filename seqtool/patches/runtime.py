@@ -351,7 +351,7 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     dataclass (strings are coerced, so CLI values pass straight through). A model already patched is first
     restored. Nothing is patched until this is called.
     """
-    from seqtool.arch.registry import decoder_layers, get_family, head_counts
+    from seqtool.arch.registry import attention_module, decoder_layers, get_family, head_counts
 
     get_family(model)  # raises UnsupportedModelError for unknown families
     options = dict(options)
@@ -377,8 +377,6 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     runtimes: dict[int, LayerRuntime] = {}
     modules: dict[int, nn.Module] = {}
     for idx in range(n_layers):
-        from seqtool.arch.registry import attention_module
-
         module = attention_module(model, idx)
         if policy.is_patched(idx):
             layer_method = build_method(method, {**options, **policy.layer_options.get(idx, {})}) \

@@ -182,8 +182,7 @@ class TokenSelection(Selection):
         kk, vv = torch.gather(k, 2, gather), torch.gather(v, 2, gather)
         if self.tq == 1 and bool((self.index >= 0).all()):
             return kernels.decode_attn(q, kk, vv, scale=scale)
-        # Several queries or unused slots: keys after a query (or unused) get masked by a per-key start/length.
-        # The kernel has no per-key mask, so sort used slots first and pass their count as kv_len per query row.
+        # Several queries or unused slots: per query, move its visible slots first and attend only those.
         return _gathered_attend(q, kk, vv, self.index, self.tk - self.tq, self.n_rep, scale)
 
     def _hits(self) -> torch.Tensor:

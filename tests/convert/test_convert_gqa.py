@@ -126,3 +126,20 @@ def test_gqa_outputs_load_with_plain_transformers(tmp_path, ids):
         expected.append(logits(result.model, ids))
     for want, got in zip(expected, plain_transformers_logits(dirs, ids, tmp_path)):
         torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_error_formula_matches_direct_computation():
+    from seqtool.convert.gqa import merge_errors, pooling_scales
+
+    gen = torch.Generator().manual_seed(2)
+    acts = torch.randn(50, 4, 6, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5, 2.0])[:, None]
+    gram = torch.einsum("nhd,ngd->hg", acts, acts)
+    group = [0, 1, 3]
+    for scale in (torch.ones(4, dtype=torch.float64), torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64)):
+        pooled = (acts[:, group] / scale[group][None, :, None]).mean(1)
+        direct = sum(((acts[:, i] - scale[i] * pooled) ** 2).sum() for i in group)
+        assert math.isclose(merge_errors(gram, group, scale), float(direct), rel_tol=1e-9)
+    chosen = pooling_scales(gram, [group, [2]], 50)
+    best = min(merge_errors(gram, group, torch.ones(4, dtype=torch.float64)),
+               merge_errors(gram, group, (gram.diagonal() / 50).sqrt()))
+    assert math.isclose(merge_errors(gram, group, chosen), best, rel_tol=1e-9)
