@@ -56,12 +56,12 @@ def parse_args() -> argparse.Namespace:
 class Cache:
     """Row results keyed by id, rewritten atomically after every row."""
 
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path, settings: dict, *, check: bool = True):
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {}
-        if self.data.get("settings") not in (None, settings):
+        if check and self.data.get("settings") not in (None, settings):
             raise SystemExit(f"{path} was made with other settings {self.data['settings']}; use another --cache")
-        self.data["settings"] = settings
+        self.data.setdefault("settings", settings)
         self.data.setdefault("rows", {})
 
     def __contains__(self, key: str) -> bool:
@@ -266,7 +266,7 @@ def main() -> None:
     torch.manual_seed(0)
     settings = {k: getattr(args, k) for k in ("model", "seq_len", "samples", "depths", "ppl_tokens", "calib_samples",
                                               "calib_seq_len", "recover_steps", "profile_seq_len")}
-    cache = Cache(Path(args.cache), settings)
+    cache = Cache(Path(args.cache), settings, check=not args.render_only)
     if not args.render_only:
         from seqtool.arch.registry import kv_cache_bytes_per_token
 
