@@ -306,8 +306,8 @@ def run_cuda(sink, timer, deadline: float, quick: bool):
             break
         try:
             job()
-        except torch.cuda.OutOfMemoryError as e:  # a row that does not fit is skipped, not fatal
-            sink.add(Row("oom", "", "skipped", float("nan"), note=str(e).splitlines()[0][:80]))
+        except Exception as e:  # e.g. out of memory: record the row as failed and go on with the others
+            sink.add(Row("error", "", type(e).__name__, float("nan"), note=str(e).splitlines()[0][:120]))
             torch.cuda.empty_cache()
 
 

@@ -93,10 +93,3 @@ def forbid_grad(op: str, *tensors: torch.Tensor | None) -> None:
             f"{op} has no backward pass; call it under torch.no_grad() or torch.inference_mode()"
         )
 
-
-def empty_lse_fill(out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Rows that saw no key get out = 0 and lse = -inf (the identity for merge_attn_states)."""
-    dead = ~torch.isfinite(lse)
-    if dead.any():
-        out.masked_fill_(dead[..., None], 0.0)
-        lse.masked_fill_(dead, float("-inf"))
