@@ -60,8 +60,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     answer_loss_weight: float = 1.0
     # Sampling weights of sample kinds (text, induction, passkey, niah, multikey, vt).
-    mix: dict = field(default_factory=lambda: {"text": 0.3, "induction": 0.25, "passkey": 0.15,
-                                               "niah": 0.1, "multikey": 0.13, "vt": 0.07})
+    mix: dict = field(default_factory=lambda: {"text": 0.25, "induction": 0.33, "passkey": 0.15,
+                                               "niah": 0.09, "multikey": 0.11, "vt": 0.07})
     tokenizer_chars: int = 3_000_000
     train_chars: int | None = None  # None: the whole train split
     heldout_chars: int = 400_000
@@ -156,7 +156,7 @@ def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.rand
 
 
 def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
-    """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer (token as target)."""
+    """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer, 3 induction copy."""
     length, bsz = cfg.phase_at(step)
     rng = np.random.default_rng([cfg.seed, 7919, step])
     kinds = list(cfg.mix)
@@ -178,7 +178,7 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             ids[b, 0] = bos
             ids[b, 1:1 + n] = r
             ids[b, 1 + n:1 + 2 * n] = r
-            tgt[b, 1 + n:1 + 2 * n] = 1
+            tgt[b, 1 + n:1 + 2 * n] = 3
         else:
             plen = int(rng.integers(length // 2, length - 24 + 1))
             s = _train_sample(kind, tok, train_ids, plen, rng)
@@ -197,7 +197,10 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
 
 
 def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: float):
-    """LM loss (mean over kind-1 targets) + ``answer_weight`` * answer loss (mean over kind-2 targets)."""
+    """LM loss (mean over kind-1 and kind-3 targets) + ``answer_weight`` * answer loss (mean over kind-2 targets).
+
+    The induction share of the LM term is also reported on its own (``induction``) to watch copying appear.
+    """
     # Full-shape logits: selecting rows first would give a new matmul shape every step, and oneDNN's bf16
     # kernels are re-generated per shape (seconds each).
     logits = model(input_ids=ids).logits[:, :-1].float()
@@ -206,12 +209,15 @@ def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: flo
     nll = nll.view_as(kinds)
     losses = {}
     total = nll.new_zeros(())
-    for name, k, w in (("lm", 1, 1.0), ("answer", 2, answer_weight)):
-        sel = (kinds == k).float()
+    for name, sel, w in (("lm", (kinds == 1) | (kinds == 3), 1.0), ("answer", kinds == 2, answer_weight)):
+        sel = sel.float()
         if sel.sum() > 0:
             loss = (nll * sel).sum() / sel.sum()
             total = total + w * loss
             losses[name] = float(loss.detach())
+    ind = (kinds == 3).float()
+    if ind.sum() > 0:
+        losses["induction"] = float(((nll.detach() * ind).sum() / ind.sum()))
     return total, losses
 
 
