@@ -23,6 +23,13 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
+def _make_cache(model) -> DynamicCache:
+    """The cache a patched model needs (its methods' cache layers), else a plain DynamicCache."""
+    from seqtool.patches import make_cache
+
+    return make_cache(model)
+
+
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                     pad_id: int, stop_ids: set[int] | frozenset[int] = frozenset(), tail: int = 16) -> list[list[int]]:
     """Generate greedily for a batch of prompts (lists of token ids); returns the new tokens per prompt.
@@ -43,7 +50,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     t = ids.shape[1]
     tail = max(1, min(tail, min(len(p) for p in prompts) - 1, t - 1)) if t > 1 else 0
-    cache = DynamicCache(config=model.config)
+    cache = _make_cache(model)
     split = t - tail
     out = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split],
                 **{ckw: cache}, use_cache=True)
