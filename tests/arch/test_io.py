@@ -141,3 +141,26 @@ def test_kill_9_during_in_place_writes_leaves_a_loadable_checkpoint(tmp_path):
         again = load_model(str(src))
         assert torch.equal(_logits(again.model), reference)
         assert not list(tmp_path.glob("*" + BACKUP_SUFFIX))
+
+
+def test_hub_id_resolves_from_local_cache(tmp_path, monkeypatch):
+    """A hub id that is in the local Hugging Face cache loads offline (cache layout: refs/main → snapshot)."""
+    loaded = load_model("tiny-mistral")
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    save_model(loaded.model, loaded.tokenizer, snapshot, step={"op": "cached"})
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    again = load_model("someorg/tiny")
+    assert torch.equal(_logits(again.model), _logits(loaded.model))
+
+
+def test_device_map_goes_through_accelerate(tmp_path):
+    loaded = load_model("tiny-llama")
+    src = save_model(loaded.model, loaded.tokenizer, tmp_path / "src", step={"op": "a"})
+    again = load_model(str(src), device_map="auto")
+    assert torch.equal(_logits(again.model), _logits(loaded.model))
