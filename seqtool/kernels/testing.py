@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -58,3 +59,27 @@ def kept_pairs(block_index: torch.Tensor, block_count: torch.Tensor, Tq: int, Tk
         n = (torch.minimum(k_hi, qpos) - k_lo + 1).clamp(min=0) * (qpos <= q_hi)
         total += int((n * valid).sum())
     return total
+
+
+class LargestTensorMode(TorchDispatchMode):
+    """Records the largest tensor any aten op returns: allocation size measured from outside the code under test."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of the matmul-like ops run by ``fn()``, as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -2,32 +2,13 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from seqtool.kernels import block_sparse_attn, decode_attn
-from seqtool.kernels.testing import random_block_pattern
+from seqtool.kernels.testing import LargestTensorMode, counted_flops, random_block_pattern
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
-def _matmul_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def test_block_sparse_flops_equal_kept_blocks():
@@ -37,7 +18,7 @@ def test_block_sparse_flops_equal_kept_blocks():
     flops = {}
     for keep in (0.1, 0.5):
         bi, bc = random_block_pattern(1, 2, T, T, block_q=bs, block_k=bs, keep=keep, generator=g)
-        flops[keep] = _matmul_flops(lambda: block_sparse_attn(q, k, v, bi, bc, block_q=bs, block_k=bs))
+        flops[keep] = counted_flops(lambda: block_sparse_attn(q, k, v, bi, bc, block_q=bs, block_k=bs))
         # two matmuls (QK^T and PV) of 2 * bs * bs * D each per kept block, nothing else
         assert flops[keep] == int(bc.sum()) * 4 * bs * bs * D
     assert flops[0.1] < 0.3 * flops[0.5]
@@ -48,7 +29,7 @@ def test_block_sparse_never_materialises_q_by_k():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, T, D, generator=g) for _ in range(3))
     bi, bc = random_block_pattern(1, 1, T, T, block_q=64, block_k=64, keep=0.2, generator=g)
-    with _LargestTensor() as seen:
+    with LargestTensorMode() as seen:
         block_sparse_attn(q, k, v, bi, bc)
     assert seen.largest < T * T // 4
 
@@ -58,8 +39,8 @@ def test_decode_flops_scale_with_pages():
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 8, 1, D, generator=g)
     k, v = (torch.randn(1, 2, T, D, generator=g) for _ in range(2))
-    dense = _matmul_flops(lambda: decode_attn(q, k, v))
+    dense = counted_flops(lambda: decode_attn(q, k, v))
     pages = torch.stack([torch.randperm(T // 64, generator=g)[:8] for _ in range(2)]).view(1, 2, 8).to(torch.int32)
-    sparse = _matmul_flops(lambda: decode_attn(q, k, v, page_index=pages))
+    sparse = counted_flops(lambda: decode_attn(q, k, v, page_index=pages))
     assert dense == 8 * 4 * T * D
     assert sparse == 8 * 4 * (8 * 64) * D

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
 from torch.utils.flop_counter import FlopCounterMode
 
 from seqtool.errors import BadInputError
+from seqtool.kernels.testing import LargestTensorMode
 from seqtool.patches import (ATTN_NAME, Budget, apply_attn_spec, apply_patch, get_handle, make_cache,
                              parse_attn_spec, reapply_from_recipe)
 from seqtool.patches.runtime import RUNTIME_ATTR, seqtool_attention
@@ -129,19 +130,6 @@ def test_mask_with_holes_is_rejected():
         model(torch.randint(3, 250, (1, 40)), attention_mask=mask)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (allocation size, measured from outside the method)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def _attention_work(method: str, budget, t: int = 1024, tq: int | None = None, **opts):
@@ -152,7 +140,7 @@ def _attention_work(method: str, budget, t: int = 1024, tq: int | None = None, *
     tq = tq or t
     q = torch.randn(1, 4, tq, 32)
     k, v = torch.randn(1, 2, t, 32), torch.randn(1, 2, t, 32)
-    flops, big = FlopCounterMode(display=False), _LargestTensor()
+    flops, big = FlopCounterMode(display=False), LargestTensorMode()
     with torch.no_grad(), flops, big:
         seqtool_attention(module, q, k, v, None, scaling=32 ** -0.5)
     kept = handle.kept_fraction()
