@@ -175,12 +175,14 @@ def make_sample(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, dept
         window = np.asarray(filler_ids[off:off + n_fill])
         if not check_unique or answer.split()[0] not in tokenizer.decode(window.tolist()):
             break
-    # Target needle position; vt spreads its chain over [depth, 1] keeping assignment order.
-    tpos = [_snap(int(round(depth * n_fill)), window, enc.ends_line, 0, n_fill)]
+    # Target needle position; vt spreads its chain over [depth, 1] keeping assignment order. Snapping to a line
+    # start may move a needle by at most 2% of the haystack, so depths stay uniform in short prompts too.
+    reach = min(48, n_fill // 50)
+    tpos = [_snap(int(round(depth * n_fill)), window, enc.ends_line, 0, n_fill, reach)]
     for _ in t_ids[1:]:
         lo = tpos[-1]
-        tpos.append(_snap(int(rng.integers(lo, n_fill + 1)), window, enc.ends_line, lo, n_fill))
-    opos = [_snap(int(rng.integers(0, n_fill + 1)), window, enc.ends_line, 0, n_fill) for _ in o_ids]
+        tpos.append(_snap(int(rng.integers(lo, n_fill + 1)), window, enc.ends_line, lo, n_fill, reach))
+    opos = [_snap(int(rng.integers(0, n_fill + 1)), window, enc.ends_line, 0, n_fill, reach) for _ in o_ids]
     if task == "vt":
         opos = sorted(opos)  # a chain must be assigned in order
     # Order by position; at equal positions targets go first so needle_pos is exact.

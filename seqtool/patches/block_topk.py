@@ -35,7 +35,9 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, t, d = x.shape
     n = -(-t // block)
     pad = n * block - t
-    sums = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, n, block, d).sum(3)
+    xf = x.float()
+    # unflatten is a view even for a transposed (B, T, H, D)-strided q: no padded copy of q when T % block == 0
+    sums = (xf if not pad else torch.nn.functional.pad(xf, (0, 0, 0, pad))).unflatten(2, (n, block)).sum(3)
     sizes = torch.full((n,), float(block), device=x.device)
     sizes[-1] = block - pad
     return sums / sizes[:, None]

@@ -363,10 +363,12 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     elif dense_layers or layers_t is not None:
         raise BadInputError("pass dense_layers/layers either as options or in the policy, not both")
     base = build_method(method, options)
-    stored = base.options()
     previous = get_handle(model)
     if previous is not None:
         previous.remove()
+    if hasattr(base, "prepare"):
+        base.prepare(model)  # offline searches (razor/act heads) run on the unpatched model; the recipe stores them
+    stored = base.options()
     register_attention()
     n_layers = len(decoder_layers(model))
     for idx in (*policy.dense_layers, *(policy.layers or ())):
@@ -379,8 +381,13 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     for idx in range(n_layers):
         module = attention_module(model, idx)
         if policy.is_patched(idx):
-            layer_method = build_method(method, {**options, **policy.layer_options.get(idx, {})}) \
-                if idx in policy.layer_options else base
+            if idx in policy.layer_options:
+                # Start from the base's prepared options so an offline search is not repeated per layer.
+                layer_method = build_method(method, {**stored, **policy.layer_options[idx]})
+                if hasattr(layer_method, "prepare"):
+                    layer_method.prepare(model)
+            else:
+                layer_method = base
         else:
             layer_method = dense_cls()
         rt = LayerRuntime(idx, layer_method, n_heads)

@@ -45,19 +45,30 @@ class VerticalSlash(AttentionMethod):
     def estimate(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Vertical ``(B, Hq, Tk)`` and slash-offset ``(B, Hq, Tk)`` attention mass of the last queries."""
         b, hq = call.q.shape[:2]
+        hkv, tk, g = call.k.shape[1], call.tk, call.n_rep
         n = min(self.last_q, call.tq)
-        q_last = call.q[:, :, -n:].float()
-        k = call.k.float().repeat_interleave(call.n_rep, 1) if call.n_rep > 1 else call.k.float()
-        scores = (q_last @ k.transpose(-1, -2)) * call.scale  # (B, Hq, n, Tk)
-        pos = torch.arange(call.tk - n, call.tk, device=call.q.device)
-        keys = torch.arange(call.tk, device=call.q.device)
-        causal = keys[None, :] <= pos[:, None]
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-        vertical = probs.sum(2)
-        offsets = (pos[:, None] - keys[None, :]).clamp(min=0).expand(b, hq, n, call.tk)
-        slash = torch.zeros(b, hq, call.tk, device=call.q.device).scatter_add_(
-            -1, offsets.reshape(b, hq, -1), (probs * causal).reshape(b, hq, -1))
-        return vertical, slash
+        dev = call.q.device
+        # GQA: the query heads of a KV group share one matmul against their KV head (k is never repeated)
+        q_last = call.q[:, :, -n:].float().reshape(b, hkv, g * n, -1)
+        # query i sits at tk - n + i: only the last n keys can lie after it
+        future = torch.ones(n, n, dtype=torch.bool, device=dev).triu_(1).repeat(g, 1)
+        vertical = torch.empty(b, hkv, g, tk, device=dev)
+        slash = torch.empty(b, hkv, g, tk, device=dev)
+        # Slash mass per offset o = pos_i - key, without an index tensor: rows padded by n zeros on both sides,
+        # row i read shifted left by i (stride row + 1): column j then holds key j + i - n, i.e. offset tk - j.
+        row = tk + 2 * n
+        padded = torch.zeros(g, n, row, device=dev)
+        skew = padded.as_strided((g, n, tk + 1), (n * row, row + 1, 1))
+        for bi in range(b):  # one KV head at a time keeps the temporaries at (g * n, tk)
+            for h in range(hkv):
+                s = (q_last[bi, h] @ call.k[bi, h].float().T).mul_(call.scale)
+                s[:, tk - n:].masked_fill_(future, float("-inf"))
+                s.sub_(s.amax(-1, keepdim=True)).exp_()
+                probs = s.div_(s.sum(-1, keepdim=True)).view(g, n, tk)
+                vertical[bi, h] = probs.sum(1)
+                padded[:, :, n:n + tk] = probs
+                slash[bi, h] = skew.sum(1)[:, 1:].flip(-1)  # offsets 0 .. tk-1
+        return vertical.view(b, hq, tk), slash.view(b, hq, tk)
 
     def select(self, call: AttnCall) -> Selection:
         bs = self.block

@@ -52,16 +52,16 @@ class TrainConfig:
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
     # Curriculum: [steps, seq_len, batch] per phase.
-    phases: list = field(default_factory=lambda: [[700, 256, 32], [300, 512, 16], [300, 1024, 8], [250, 2048, 4]])
-    lr: float = 2e-3
+    phases: list = field(default_factory=lambda: [[1500, 256, 32], [200, 512, 16], [200, 1024, 8], [200, 2048, 4]])
+    lr: float = 3.5e-3
     min_lr_frac: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     answer_loss_weight: float = 1.0
     # Sampling weights of sample kinds (text, induction, passkey, niah, multikey, vt).
-    mix: dict = field(default_factory=lambda: {"text": 0.25, "induction": 0.33, "passkey": 0.15,
-                                               "niah": 0.09, "multikey": 0.11, "vt": 0.07})
+    mix: dict = field(default_factory=lambda: {"text": 0.1, "induction": 0.55, "passkey": 0.15,
+                                               "niah": 0.07, "multikey": 0.08, "vt": 0.05})
     tokenizer_chars: int = 3_000_000
     train_chars: int | None = None  # None: the whole train split
     heldout_chars: int = 400_000
@@ -155,6 +155,48 @@ def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.rand
     return None
 
 
+_FREQ: dict[int, np.ndarray] = {}
+
+
+def _frequent_tokens(train_ids: np.ndarray, k: int = 1024) -> np.ndarray:
+    """The ``k`` most frequent token ids of the training stream (specials excluded), cached."""
+    key = id(train_ids)
+    if key not in _FREQ:
+        counts = np.bincount(train_ids, minlength=3)
+        counts[:3] = 0
+        _FREQ[key] = np.sort(np.argsort(-counts, kind="stable")[:min(k, int((counts > 0).sum()))])
+    return _FREQ[key]
+
+
+def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, vocab: np.ndarray, bos: int) -> None:
+    """Fill one row (L,) with random tokens containing copied spans; mark the copies' tokens as kind 3.
+
+    The copy distance varies, so only content-based induction (find the earlier occurrence of the current
+    token, predict its successor) lowers the loss, not a fixed relative-position head. Tokens come from the
+    frequent part of the vocabulary (rare tokens' tied embeddings are pushed alike by the softmax). Most rows
+    hold many short span/copy pairs a few tokens apart, where attention is not yet diluted over hundreds of
+    positions and the circuit forms quickly; the rest copy one long span over a long distance.
+    """
+    length = len(ids)
+    ids[0] = bos
+    ids[1:] = rng.choice(vocab, size=length - 1)
+    if rng.random() < 0.6:
+        pos = 1
+        while True:
+            m, g = int(rng.integers(4, 25)), int(rng.integers(0, 9))
+            if pos + 2 * m + g > length:
+                break
+            ids[pos + m + g:pos + 2 * m + g] = ids[pos:pos + m]
+            tgt[pos + m + g + 1:pos + 2 * m + g] = 3
+            pos += 2 * m + g + int(rng.integers(0, 5))
+    else:
+        n = int(rng.integers(16, (length - 1) // 2 + 1))
+        s1 = int(rng.integers(1, length - 2 * n + 1))
+        s2 = int(rng.integers(s1 + n, length - n + 1))
+        ids[s2:s2 + n] = ids[s1:s1 + n]
+        tgt[s2 + 1:s2 + n] = 3
+
+
 def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
     """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer, 3 induction copy."""
     length, bsz = cfg.phase_at(step)
@@ -173,14 +215,9 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             ids[b, 1:] = train_ids[off:off + length - 1]
             tgt[b, 1:] = 1
         elif kind == "induction":
-            n = (length - 1) // 2
-            r = rng.integers(3, len(tok), size=n)
-            ids[b, 0] = bos
-            ids[b, 1:1 + n] = r
-            ids[b, 1 + n:1 + 2 * n] = r
-            tgt[b, 1 + n:1 + 2 * n] = 3
+            _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids), bos)
         else:
-            plen = int(rng.integers(length // 2, length - 24 + 1))
+            plen = int(rng.integers(96 if length <= 256 else length // 4, length - 24 + 1))
             s = _train_sample(kind, tok, train_ids, plen, rng)
             if s is None:  # too short even without distractors: use text instead
                 off = int(rng.integers(0, len(train_ids) - length))

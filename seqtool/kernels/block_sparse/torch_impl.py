@@ -5,22 +5,45 @@ Query blocks of every (batch, head) are flattened into rows and grouped by how m
 (rows, count * block_k, D) tensor and runs an exact softmax with two batched matmuls, so the work is
 proportional to the kept blocks, the Python loop runs over groups (never over query blocks), and no
 Tq x Tk tensor exists: temporaries are capped at about _CHUNK_ELEMS elements per step.
+
+Fast path (prefill, the common case): a row whose blocks are all fully visible except one diagonal block
+aligned with the query block gets that block moved last, so its causal mask is one constant (bq, bk)
+triangle added in place; any other row (kv_start, partial or misaligned blocks) takes the general masked path.
+Explicit key columns lying before their query block (vertical-slash) need only a per-row padding mask;
+rows are grouped by column count rounded up to _COL_BUCKET, and merged with the block part by log-sum-exp.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._common import cdiv
 
 
-_CHUNK_ELEMS = 1 << 21  # per-step gathered keys (8 MB fp32): small enough to stay in cache
+_CHUNK_ELEMS = 1 << 19  # per-step gathered keys (2 MB fp32), one thread: scores of a step stay in L2
+# With several threads every large op is a parallel region ending in a barrier; on a loaded machine a
+# barrier waits for the slowest thread, so fewer, larger steps win (each thread's share stays moderate).
+_CHUNK_ELEMS_THREADED = 1 << 22
 
 
-def _pad_rows(x: torch.Tensor, T: int) -> torch.Tensor:
-    """fp32 copy-free view when possible; zero rows appended along dim 2 up to T."""
-    x = x.float()
-    return x if x.shape[2] == T else F.pad(x, (0, 0, 0, T - x.shape[2]))
+def _chunk_elems() -> int:
+    return _CHUNK_ELEMS if torch.get_num_threads() == 1 else _CHUNK_ELEMS_THREADED
+_COL_BUCKET = 16  # column groups: counts rounded up to this (padding is masked, at most 15 slots per row)
+_NEG = float("-inf")
+
+
+def _rows_fp32(x: torch.Tensor, T: int, scale: float | None = None) -> torch.Tensor:
+    """(B, H, t, D) -> contiguous fp32 (B, H, T, D), zero rows appended, times scale; no copy when possible."""
+    if scale is None and x.dtype == torch.float32 and x.shape[2] == T and x.is_contiguous():
+        return x
+    B, H, t, D = x.shape
+    out = torch.empty(B, H, T, D, device=x.device)
+    if scale is None:
+        out[:, :, :t].copy_(x)
+    else:
+        torch.mul(x.float(), scale, out=out[:, :, :t])  # scale in fp32, not in x's dtype
+    if T > t:
+        out[:, :, t:].zero_()
+    return out
 
 
 class _Workspace:
@@ -39,21 +62,26 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
-def _attend(ws, src_q, q_ids, src_k, src_v, kv_ids, L, ok_fn):
-    """Exact softmax of rows src_q[q_ids] (n, bq, D) (already scaled) over keys gathered by kv_ids.
+def _gather_kv(ws, kf2, vf2, ids, n, L, D):
+    """Rows `ids` of the 2-D (N, row) views kf2 / vf2 as (n, L, D) (2-D index_select is the fast copy)."""
+    kg = torch.index_select(kf2, 0, ids, out=ws.get("k", (ids.numel(), kf2.shape[1])))
+    vg = torch.index_select(vf2, 0, ids, out=ws.get("v", (ids.numel(), vf2.shape[1])))
+    return kg.view(n, L, D), vg.view(n, L, D)
 
-    kv_ids index dim 0 of src_k / src_v; gathered keys are viewed as (n, L, D).
-    ok_fn(scores (n, bq, L)) masks in place. Returns (unnormalised out, denominator l, max m).
+
+def _softmax_av(ws, qb, kg, vg, bias_fn=None):
+    """Scores qb @ kg^T (n, bq, L), bias_fn(scores) in place, exact softmax times vg.
+
+    Returns (unnormalised out (n, bq, D), denominator l (n, bq), row max m (n, bq)); m is 0 where a row sees
+    no key (then l == 0).
     """
-    n, bq, D = q_ids.numel(), src_q.shape[1], src_q.shape[-1]
-    qb = torch.index_select(src_q, 0, q_ids, out=ws.get("q", (n, bq, D)))
-    kg = torch.index_select(src_k, 0, kv_ids, out=ws.get("k", (kv_ids.numel(),) + tuple(src_k.shape[1:])))
-    vg = torch.index_select(src_v, 0, kv_ids, out=ws.get("v", (kv_ids.numel(),) + tuple(src_v.shape[1:])))
-    kg, vg = kg.view(n, L, D), vg.view(n, L, D)
+    n, bq, L = qb.shape[0], qb.shape[1], kg.shape[1]
     sc = torch.bmm(qb, kg.transpose(1, 2), out=ws.get("s", (n, bq, L)))
-    ok_fn(sc)
+    if bias_fn is not None:
+        bias_fn(sc)
     m = sc.amax(-1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if bias_fn is not None:
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     sc.sub_(m[..., None]).exp_()
     return torch.bmm(sc, vg), sc.sum(-1), m
 
@@ -61,8 +89,21 @@ def _attend(ws, src_q, q_ids, src_k, src_v, kv_ids, L, ok_fn):
 def _store(out_rows, lse_rows, rows, o, l, m):
     seen = l > 0
     l1 = torch.where(seen, l, torch.ones_like(l))
-    out_rows.index_copy_(0, rows, o / l1[..., None])
-    lse_rows.index_copy_(0, rows, torch.where(seen, m + torch.log(l1), torch.full_like(m, float("-inf"))))
+    out_rows.index_copy_(0, rows, o.div_(l1[..., None]))
+    lse_rows.index_copy_(0, rows, torch.where(seen, m + torch.log(l1), torch.full_like(m, _NEG)))
+
+
+def _merge_store(out_rows, lse_rows, rows, o, l, m):
+    """Merge an unnormalised partial result (o, l, m) over extra keys into rows already holding (out, lse)."""
+    lse_a = lse_rows.index_select(0, rows)
+    lse_b = torch.where(l > 0, m + torch.log(l), torch.full_like(m, _NEG))
+    new = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    wa = torch.exp(lse_a - safe)  # 0 where the block part saw nothing
+    wb = torch.exp(m - safe)  # o is unnormalised: o / l * exp(lse_b - new) == o * exp(m - new)
+    merged = out_rows.index_select(0, rows).mul_(wa[..., None]).add_(o.mul_(torch.where(l > 0, wb, 0)[..., None]))
+    out_rows.index_copy_(0, rows, merged)
+    lse_rows.index_copy_(0, rows, new)
 
 
 def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block_k, scale, kv_start=None,
@@ -78,9 +119,10 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     off = Tk - Tq  # queries sit at the end of the keys
 
     # fp32 compute; q is pre-scaled (one pass over q instead of one per score).
-    qr = (_pad_rows(q, nq * bq) * scale).reshape(R, bq, D)
-    kf = _pad_rows(k, nkb * bk).reshape(B * Hkv * nkb, bk, D)
-    vf = _pad_rows(v, nkb * bk).reshape(B * Hkv * nkb, bk, D)
+    qr = _rows_fp32(q, nq * bq, scale).view(R, bq, D)
+    kb = _rows_fp32(k, nkb * bk)
+    vb = _rows_fp32(v, nkb * bk)
+    kf2, vf2 = kb.view(B * Hkv * nkb, bk * D), vb.view(B * Hkv * nkb, bk * D)
 
     row = torch.arange(R, device=dev)
     row_b = row // (Hq * nq)
@@ -88,85 +130,130 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     row_q0 = off + (row % nq) * bq  # position of the first query of the row's block
     kvs = torch.zeros(B, dtype=torch.long, device=dev) if kv_start is None else kv_start.long()
     row_kvs = kvs[row_b]
-    ar_q = torch.arange(bq, device=dev)
-    ar_k = torch.arange(bk, device=dev)
 
     ws = _Workspace(dev)
+    chunk = _chunk_elems()
     out_rows = torch.zeros(R, bq, D, device=dev)
-    lse_rows = torch.full((R, bq), float("-inf"), device=dev)
+    lse_rows = torch.full((R, bq), _NEG, device=dev)
     maxk = block_index.shape[-1]
     counts = block_count.reshape(R).long().clamp(0, maxk)
-    order = torch.argsort(counts, descending=True, stable=True)
-    values, sizes = torch.unique_consecutive(counts[order], return_counts=True)
+    blk = block_index.reshape(R, maxk).long()
+    used = torch.arange(maxk, device=dev) < counts[:, None]
+    k0 = blk * bk
+    q0, rk = row_q0[:, None], row_kvs[:, None]
+    # Blocks crossing the diagonal, the end of k, or kv_start need a mask.
+    need = used & ((k0 + bk - 1 > q0) | (k0 + bk > Tk) | (k0 < rk))
+    n_need = need.sum(1)
+    # An aligned diagonal block (keys k0.. == queries q0..) needs only the triangle j <= i: keys past Tk are
+    # beyond every real query of the block, so causality already hides them.
+    diag = need & (k0 == q0) & (k0 >= rk) if bq == bk else torch.zeros_like(need)
+    fast = (n_need == 0) | ((n_need == 1) & (diag.sum(1) == 1))
+    # fast rows: fully visible blocks first, the diagonal last, unused slots after
+    blk_fast = blk.gather(1, torch.argsort((~used).long() * 2 + need.long(), dim=1, stable=True))
+    tri = torch.full((bq, bk), _NEG, device=dev).triu_(1)
+
+    key = torch.where(fast, counts * 2 + (n_need > 0).long(), -1 - counts)  # general rows: key < 0
+    order = torch.argsort(key, descending=True, stable=True)
+    values, sizes = torch.unique_consecutive(key[order], return_counts=True)
     start = 0
-    for c, size in zip(values.tolist(), sizes.tolist()):
+    for kv_key, size in zip(values.tolist(), sizes.tolist()):
         seg = order[start:start + size]
         start += size
+        c = kv_key // 2 if kv_key >= 0 else -1 - kv_key
         if c == 0:
             continue
-        step = max(1, _CHUNK_ELEMS // (c * bk * D))  # rows per step
+        step = max(1, chunk // (c * bk * D))  # rows per step
         for r0 in range(0, size, step):
             rows = seg[r0:r0 + step]
             n = rows.numel()
-            blk = block_index.reshape(R, maxk)[rows, :c].long()
-            ids = (row_kvh[rows, None] * nkb + blk).reshape(-1)
-            k0 = blk * bk
-            q0, rk = row_q0[rows, None], row_kvs[rows, None]
-            # Only blocks crossing the diagonal, the end of k, or kv_start need a mask.
-            need_r, need_s = ((k0 + bk - 1 > q0) | (k0 + bk > Tk) | (k0 < rk)).nonzero(as_tuple=True)
-
-            def mask_blocks(sc, need_r=need_r, need_s=need_s, k0=k0, rows=rows, n=n, c=c):
-                if need_r.numel() == 0:
-                    return
-                sc4 = sc.view(n, bq, c, bk)
-                kpos = k0[need_r, need_s, None] + ar_k
-                qpos = row_q0[rows][need_r, None] + ar_q
-                ok = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos < Tk)[:, None, :] \
-                    & (kpos >= row_kvs[rows][need_r, None])[:, None, :]
-                sc4[need_r, :, need_s, :] = sc4[need_r, :, need_s, :].masked_fill(~ok, float("-inf"))
-
-            o, l, m = _attend(ws, qr, rows, kf, vf, ids, c * bk, mask_blocks)
-            _store(out_rows, lse_rows, rows, o, l, m)
+            qb = torch.index_select(qr, 0, rows, out=ws.get("q", (n, bq, D)))
+            if kv_key >= 0:
+                ids = (row_kvh[rows, None] * nkb + blk_fast[rows, :c]).reshape(-1)
+                kg, vg = _gather_kv(ws, kf2, vf2, ids, n, c * bk, D)
+                bias = (lambda sc: sc[:, :, -bk:].add_(tri)) if kv_key % 2 else None
+                o, l, m = _softmax_av(ws, qb, kg, vg, bias)
+                out_rows.index_copy_(0, rows, o.div_(l[..., None]))
+                lse_rows.index_copy_(0, rows, m.add_(l.log_()))
+            else:
+                bl = blk[rows, :c]
+                ids = (row_kvh[rows, None] * nkb + bl).reshape(-1)
+                kg, vg = _gather_kv(ws, kf2, vf2, ids, n, c * bk, D)
+                o, l, m = _softmax_av(ws, qb, kg, vg, _block_mask(bl * bk, row_q0[rows], row_kvs[rows], n, bq, bk,
+                                                                  c, Tk))
+                _store(out_rows, lse_rows, rows, o, l, m)
 
     if column_index is not None:
-        from ..merge import merge_attn_states
+        _columns(ws, qr, kb, vb, column_index, column_count, row_kvh, row_q0, row_kvs, Tk, out_rows, lse_rows)
 
-        col = _columns(qr, k, v, column_index, column_count, row_kvh, row_q0, row_kvs, Tk)
-        if col is not None:
-            rows, o_c, lse_c = col
-            o_m, lse_m = merge_attn_states(out_rows[rows], lse_rows[rows], o_c, lse_c)
-            out_rows.index_copy_(0, rows, o_m)
-            lse_rows.index_copy_(0, rows, lse_m)
-
-    out = out_rows.reshape(B, Hq, nq * bq, D)[:, :, :Tq].to(q.dtype)
-    lse = lse_rows.reshape(B, Hq, nq * bq)[:, :, :Tq]
+    out = out_rows.view(B, Hq, nq * bq, D)[:, :, :Tq].to(q.dtype)
+    lse = lse_rows.view(B, Hq, nq * bq)[:, :, :Tq]
     return out.contiguous(), lse.contiguous()
 
 
-def _columns(qr, k, v, column_index, column_count, row_kvh, row_q0, row_kvs, Tk):
-    """Attention of every row over its explicit key columns alone: (rows, out, lse) or None if none."""
+def _block_mask(k0, q0, kvs, n, bq, bk, c, Tk):
+    """In-place -inf on the scores (n, bq, c*bk) of keys that are non-causal, past Tk or before kv_start."""
+    ar_q, ar_k = torch.arange(bq, device=k0.device), torch.arange(bk, device=k0.device)
+    need_r, need_s = ((k0 + bk - 1 > q0[:, None]) | (k0 + bk > Tk) | (k0 < kvs[:, None])).nonzero(as_tuple=True)
+
+    def apply(sc):
+        if need_r.numel() == 0:
+            return
+        sc4 = sc.view(n, bq, c, bk)
+        kpos = k0[need_r, need_s, None] + ar_k
+        qpos = q0[need_r, None] + ar_q
+        ok = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos < Tk)[:, None, :] & (kpos >= kvs[need_r, None])[:, None, :]
+        sc4[need_r, :, need_s, :] = sc4[need_r, :, need_s, :].masked_fill(~ok, _NEG)
+
+    return apply
+
+
+def _columns(ws, qr, kb, vb, column_index, column_count, row_kvh, row_q0, row_kvs, Tk, out_rows, lse_rows):
+    """Add every row's explicit key columns to its block result (merged by log-sum-exp), in place.
+
+    kb / vb: contiguous fp32 (B, Hkv, Tkp, D) keys / values, Tkp >= Tk (zero rows past Tk).
+
+    Rows whose columns all lie at or before their first query (vertical-slash: columns avoid the diagonal
+    block) need only a padding mask; other rows also get the causal and kv_start masks.
+    """
     R, bq, D = qr.shape
+    dev = qr.device
     maxcol = column_index.shape[-1]
     ccount = column_count.reshape(R).long().clamp(0, maxcol)
-    rows_all = (ccount > 0).nonzero().squeeze(1)
-    if rows_all.numel() == 0:
-        return None
-    kflat = k.float().reshape(-1, D)
-    vflat = v.float().reshape(-1, D)
-    out = torch.zeros(R, bq, D, device=qr.device)
-    lse = torch.full((R, bq), float("-inf"), device=qr.device)
-    ws = _Workspace(qr.device)
-    width = int(ccount.max())
-    step = max(1, _CHUNK_ELEMS // (width * D))
-    for r0 in range(0, rows_all.numel(), step):
-        rows = rows_all[r0:r0 + step]
-        cols = column_index.reshape(R, maxcol)[rows, :width].long()
-        valid = (torch.arange(width, device=qr.device) < ccount[rows, None]) \
-            & (cols >= row_kvs[rows, None]) & (cols < Tk)
-        flat = (row_kvh[rows, None] * Tk + cols.clamp(0, Tk - 1)).reshape(-1)
-        qpos = row_q0[rows, None] + torch.arange(bq, device=qr.device)
-        ok = valid[:, None, :] & (cols[:, None, :] <= qpos[:, :, None])
-        o, l, m = _attend(ws, qr, rows, kflat, vflat, flat, width,
-                          lambda sc, ok=ok: sc.masked_fill_(~ok, float("-inf")))
-        _store(out, lse, rows, o, l, m)
-    return rows_all, out[rows_all], lse[rows_all]
+    if not bool((ccount > 0).any()):
+        return
+    Tkp = kb.shape[2]
+    kf2, vf2 = kb.view(-1, D), vb.view(-1, D)
+    cols_all = column_index.reshape(R, maxcol).long()
+    slot = torch.arange(maxcol, device=dev)
+    used = slot < ccount[:, None]
+    bad = used & ((cols_all > row_q0[:, None]) | (cols_all < row_kvs[:, None]) | (cols_all >= Tk))
+    simple = ~bad.any(1)
+    width = (ccount + _COL_BUCKET - 1) // _COL_BUCKET * _COL_BUCKET
+    key = torch.where(ccount > 0, width * 2 + (~simple).long(), 0)
+    order = torch.argsort(key, descending=True, stable=True)
+    values, sizes = torch.unique_consecutive(key[order], return_counts=True)
+    start = 0
+    for gkey, size in zip(values.tolist(), sizes.tolist()):
+        seg = order[start:start + size]
+        start += size
+        W, masked = min(gkey // 2, maxcol), gkey % 2
+        if W == 0:
+            continue
+        step = max(1, _chunk_elems() // (W * D))
+        for r0 in range(0, size, step):
+            rows = seg[r0:r0 + step]
+            n = rows.numel()
+            cols = cols_all[rows, :W]
+            ok = used[rows, :W]
+            flat = (row_kvh[rows, None] * Tkp + torch.where(ok, cols, 0).clamp(0, Tk - 1)).reshape(-1)
+            kg, vg = _gather_kv(ws, kf2, vf2, flat, n, W, D)
+            qb = torch.index_select(qr, 0, rows, out=ws.get("q", (n, bq, D)))
+            if masked:
+                qpos = row_q0[rows, None] + torch.arange(bq, device=dev)
+                vis = (ok & (cols >= row_kvs[rows, None]) & (cols < Tk))[:, None, :] & (cols[:, None, :] <= qpos[:, :, None])
+                bias = lambda sc, vis=vis: sc.masked_fill_(~vis, _NEG)  # noqa: E731
+            else:
+                pad = torch.zeros(n, 1, W, device=dev).masked_fill_(~ok[:, None, :], _NEG)
+                bias = (lambda sc, pad=pad: sc.add_(pad)) if not bool(ok.all()) else None
+            o, l, m = _softmax_av(ws, qb, kg, vg, bias)
+            _merge_store(out_rows, lse_rows, rows, o, l, m)

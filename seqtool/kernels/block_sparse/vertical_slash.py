@@ -49,7 +49,7 @@ def vertical_slash_index(
     bmask = diff.cumsum(-1)[..., :nkb] > 0
     block_count = bmask.sum(-1, dtype=torch.int32)
     width = max(int(block_count.max()) if block_count.numel() else 0, 1)
-    block_index = torch.argsort((~bmask).to(torch.int8), dim=-1, stable=True)[..., :width].to(torch.int32)
+    block_index = _compact(bmask, torch.arange(nkb, device=dev).expand_as(bmask), width)
 
     t, _ = torch.sort(torch.where(_valid_prefix(vertical_index, vertical_count) & (vertical_index >= 0)
                                   & (vertical_index < Tk), vertical_index.long(),
@@ -61,6 +61,16 @@ def vertical_slash_index(
     keep = fresh[:, :, None, :] & (t < Tk) & (t <= p1[:, None]) & ~in_block
     column_count = keep.sum(-1, dtype=torch.int32)
     cwidth = max(int(column_count.max()) if column_count.numel() else 0, 1)
-    pick = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :cwidth]
-    column_index = t.expand(B, H, nq, t.shape[-1]).gather(-1, pick).to(torch.int32)
-    return block_index.contiguous(), block_count, column_index.contiguous(), column_count
+    column_index = _compact(keep, t.expand(B, H, nq, t.shape[-1]), cwidth)
+    return block_index, block_count, column_index, column_count
+
+
+def _compact(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+    """values[keep] packed to the front of each row, order kept, as int32 (..., width); the rest 0.
+
+    A cumsum + scatter: linear, where a stable argsort of the keep mask would sort every row.
+    """
+    slot = torch.where(keep, keep.cumsum(-1, dtype=torch.int32) - 1, width).long()
+    out = torch.zeros(keep.shape[:-1] + (width + 1,), dtype=torch.int32, device=keep.device)
+    out.scatter_(-1, slot, values.to(torch.int32))
+    return out[..., :width].contiguous()

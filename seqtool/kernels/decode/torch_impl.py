@@ -1,6 +1,8 @@
 """PyTorch decode attention: query heads of a KV group attend together; only selected pages are gathered."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -24,12 +26,10 @@ def decode_attn_torch(q, k, v, *, page_index=None, page_count=None, page_size=64
         npg = cdiv(Tk, page_size)
         P = page_index.shape[-1]
         pad = npg * page_size - Tk
-        kp = (F.pad(k.float(), (0, 0, 0, pad)) if pad else k.float()).reshape(B * Hkv * npg, page_size, D)
-        vp = (F.pad(v.float(), (0, 0, 0, pad)) if pad else v.float()).reshape(B * Hkv * npg, page_size, D)
         pid = page_index.long().clamp(0, npg - 1)
         flat = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * npg + pid).reshape(-1)
-        keys = kp.index_select(0, flat).view(B, Hkv, P * page_size, D)
-        vals = vp.index_select(0, flat).view(B, Hkv, P * page_size, D)
+        keys = _gather_pages(k, flat, npg, page_size, "k").view(B, Hkv, P * page_size, D)
+        vals = _gather_pages(v, flat, npg, page_size, "v").view(B, Hkv, P * page_size, D)
         kpos = (pid[..., None] * page_size + torch.arange(page_size, device=dev)).reshape(B, Hkv, P * page_size)
         slot_ok = (torch.arange(P, device=dev) < page_count.long()[..., None]).repeat_interleave(page_size, -1)
     s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scale)  # (B, Hkv, g*Tq, L)
@@ -57,3 +57,49 @@ def decode_attn_torch(q, k, v, *, page_index=None, page_count=None, page_size=64
     out = (out / l1[..., None]).reshape(B, Hq, Tq, D).to(q.dtype)
     lse = torch.where(seen, m.squeeze(-1) + torch.log(l1), torch.full_like(l, float("-inf"))).reshape(B, Hq, Tq)
     return out, lse
+
+
+_local = threading.local()
+
+
+def _buffer(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread buffer reused across decode steps: a fresh multi-MB allocation page-faults on every step,
+    which on CPU costs several times the copy itself. Holds at most the largest gathered pages seen."""
+    bufs = _local.__dict__.setdefault("bufs", {})
+    n = 1
+    for s in shape:
+        n *= s
+    key = (name, dtype, device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _gather_pages(x: torch.Tensor, flat: torch.Tensor, npg: int, page_size: int, name: str) -> torch.Tensor:
+    """Pages ``flat`` (ids bh * npg + p into B*Hkv*npg) of x (B, Hkv, Tk, D) as fp32 (len(flat), page_size * D).
+
+    Only the selected pages are copied (a decode step must not copy the whole cache): rows are read through an
+    overlapping strided view of x (2-D index_select, a plain row copy). A partial last page reads past its
+    head's keys (masked by the caller); only the padded tail of the last head is materialised. The result
+    lives in a reused per-thread buffer (valid until the next call).
+    """
+    B, Hkv, Tk, D = x.shape
+    n_tok = B * Hkv * Tk
+    pad = npg * page_size - Tk
+    if n_tok < page_size:
+        return F.pad(x, (0, 0, 0, pad)).reshape(B * Hkv * npg, page_size * D).index_select(0, flat).float()
+    x = x.contiguous()
+    bh, pid = flat // npg, flat % npg
+    rows = x.as_strided((n_tok - page_size + 1, page_size * D), (D, 1))
+    start = (bh * Tk + pid * page_size).clamp(max=n_tok - page_size)
+    shape = (flat.numel(), page_size * D)
+    out = torch.index_select(rows, 0, start, out=_buffer(name, shape, x.dtype, x.device))
+    if pad:
+        last = ((pid == npg - 1) & (bh == B * Hkv - 1)).nonzero().squeeze(1)  # would run past the storage
+        if last.numel():
+            tail = F.pad(x[-1, -1, (npg - 1) * page_size:], (0, 0, 0, pad)).reshape(1, page_size * D)
+            out[last] = tail.expand(last.numel(), -1)
+    if out.dtype != torch.float32:
+        out = _buffer(name + "32", shape, torch.float32, x.device).copy_(out)
+    return out
