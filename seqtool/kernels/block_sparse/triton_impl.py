@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .._common import cdiv
+from .._triton_tiles import online_softmax_tile
 from .._triton_utils import check_block, dot_fp32, pow2_at_least
 
 _LOG2E = 1.4426950408889634
@@ -46,19 +47,8 @@ def _bsa_fwd(Q, K, V, BI, BC, CI, CC, KVS, O, LSE,
         n_ok = (offs_n < Tk) & (offs_n >= 0)
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k)) * qk_scale
         ok = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :] & (offs_n[None, :] >= kvs)
-        sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(sc - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(q, k, v, ok, qk_scale, m_i, l_i, acc, DOT_FP32)
     if HAS_COLS:
         ccnt = tl.minimum(tl.load(CC + row), MAXC)
         for c0 in range(0, ccnt, BLOCK_N):
@@ -68,19 +58,8 @@ def _bsa_fwd(Q, K, V, BI, BC, CI, CC, KVS, O, LSE,
             c_ok = c_ok & (cols < Tk) & (cols >= kvs) & (cols >= 0)
             k = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            sc = tl.dot(q, tl.trans(k)) * qk_scale
             ok = (cols[None, :] <= qpos[:, None]) & c_ok[None, :]
-            sc = tl.where(ok, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(sc - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_tile(q, k, v, ok, qk_scale, m_i, l_i, acc, DOT_FP32)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]

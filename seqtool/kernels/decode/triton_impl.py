@@ -9,6 +9,7 @@ import triton.language as tl
 from seqtool.errors import ShapeError
 
 from .._common import cdiv
+from .._triton_tiles import online_softmax_tile
 from .._triton_utils import check_block, dot_fp32, num_sms, pow2_at_least
 
 _LOG2E = 1.4426950408889634
@@ -61,18 +62,8 @@ def _decode_split(Q, K, V, PI, PC, KVS, KVL, OP, LP,
         n_ok = (offs_n < kvl) & (offs_n >= kvs)
         k = tl.load(kbase + offs_n[:, None] * skt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k)) * qk_scale
-        sc = tl.where(n_ok[None, :] & (offs_n[None, :] <= qpos[:, None]), sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.math.exp2(sc - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
+        ok = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
+        m_i, l_i, acc = online_softmax_tile(q, k, v, ok, qk_scale, m_i, l_i, acc, DOT_FP32)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     lse2 = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))  # base-2 log-sum-exp of this split
