@@ -52,17 +52,18 @@ def _eval_section(ev: dict | None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results: dict | None) -> Path:
+def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results: dict | None,
+               notes: str | None = None) -> Path:
     """Write ``out_dir/README.md`` from the run config, its loss history and (optional) eval results."""
     from seqtool.zoo.corpus import corpus_info
 
     info = corpus_info()
     tokens = history[-1]["tokens"] if history else 0
-    rows = ["| step | seq_len x batch | lr | LM loss | answer loss | quick eval |", "|---|---|---|---|---|---|"]
+    rows = ["| step | seq_len x batch | lr | LM loss (text + copies) | induction-copy loss | answer loss |",
+            "|---|---|---|---|---|---|"]
     for h in _loss_rows(history):
-        ev = ", ".join(f"{k}={v:.2f}" for k, v in h.get("eval", {}).items())
         rows.append(f"| {h['step']} | {h['seq_len']}x{h['batch']} | {h['lr']:.2e} | {h.get('loss_lm', float('nan')):.3f} "
-                    f"| {h.get('loss_answer', float('nan')):.3f} | {ev} |")
+                    f"| {h.get('loss_induction', float('nan')):.3f} | {h.get('loss_answer', float('nan')):.3f} |")
     evals = [h for h in history if h.get("eval")]
     ev_rows = "\n".join(f"- step {h['step']}: " + ", ".join(f"{k}={v:.2f}" for k, v in h["eval"].items()) for h in evals)
     cfg_d = asdict(cfg)
@@ -92,6 +93,7 @@ that really retrieves; it is not a useful language model.
   seed {cfg.seed}.
 - This checkpoint: step **{step}** of {cfg.total_steps}, {tokens:,} training tokens.
 
+{("### Run notes" + chr(10) + notes.strip() + chr(10)) if notes else ""}
 ### Loss curve
 {chr(10).join(rows)}
 

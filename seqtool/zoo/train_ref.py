@@ -3,8 +3,9 @@
 Data: the stdlib's source text (train split, see ``corpus.py``) mixed with
 - retrieval prompts (passkey, NIAH, multi-key NIAH, variable tracking) built by ``seqtool.eval.tasks`` with
   the *train* key space and train-split filler, whose answer tokens get their own loss term;
-- random token strings repeated twice (loss on the second copy only), which grows induction heads that
-  copying needs.
+- rows of random (frequent) tokens in which spans are copied at varying distances, with loss on the copies
+  only: they grow the content-based induction heads that retrieval needs (a fixed copy distance would be
+  solved by a positional head that does not retrieve).
 A length curriculum (phases of seq_len x batch) ends at 2048 tokens. Each step's batch depends only on
 (seed, step), so a resumed run sees exactly the data it would have seen.
 
@@ -51,16 +52,19 @@ class TrainConfig:
     intermediate_size: int = 704
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
-    # Curriculum: [steps, seq_len, batch] per phase.
-    phases: list = field(default_factory=lambda: [[1500, 256, 32], [200, 512, 16], [200, 1024, 8], [200, 2048, 4]])
+    # Curriculum: [steps, seq_len, batch] per phase, optionally a 4th item: that phase's sampling mix.
+    # These are the settings the shipped checkpoint ended with; its card lists the changes made during the run.
+    phases: list = field(default_factory=lambda: [[1560, 256, 32, {"text": 0.1, "induction": 0.55, "passkey": 0.15,
+                                                                   "niah": 0.07, "multikey": 0.08, "vt": 0.05}],
+                                                  [220, 512, 16], [170, 1024, 8], [150, 2048, 4]])
     lr: float = 3.5e-3
     min_lr_frac: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     answer_loss_weight: float = 1.0
-    # Sampling weights of sample kinds (text, induction, passkey, niah, multikey, vt).
-    mix: dict = field(default_factory=lambda: {"text": 0.1, "induction": 0.55, "passkey": 0.15,
+    # Sampling weights of sample kinds (text, induction, passkey, niah, multikey, vt) where a phase sets none.
+    mix: dict = field(default_factory=lambda: {"text": 0.3, "induction": 0.3, "passkey": 0.2,
                                                "niah": 0.07, "multikey": 0.08, "vt": 0.05})
     tokenizer_chars: int = 3_000_000
     train_chars: int | None = None  # None: the whole train split
@@ -85,14 +89,23 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(p[0] for p in self.phases)
 
+    def _phase(self, step: int) -> list:
+        s = 0
+        for ph in self.phases:
+            s += ph[0]
+            if step < s:
+                return ph
+        return self.phases[-1]
+
     def phase_at(self, step: int) -> tuple[int, int]:
         """(seq_len, batch) used at ``step``."""
-        s = 0
-        for n, length, batch in self.phases:
-            s += n
-            if step < s:
-                return length, batch
-        return self.phases[-1][1], self.phases[-1][2]
+        ph = self._phase(step)
+        return ph[1], ph[2]
+
+    def mix_at(self, step: int) -> dict:
+        """Sampling weights of sample kinds at ``step``."""
+        ph = self._phase(step)
+        return ph[3] if len(ph) > 3 else self.mix
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -201,8 +214,9 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
     """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer, 3 induction copy."""
     length, bsz = cfg.phase_at(step)
     rng = np.random.default_rng([cfg.seed, 7919, step])
-    kinds = list(cfg.mix)
-    probs = np.array([cfg.mix[k] for k in kinds], dtype=float)
+    mix = cfg.mix_at(step)
+    kinds = list(mix)
+    probs = np.array([mix[k] for k in kinds], dtype=float)
     probs /= probs.sum()
     ids = np.full((bsz, length), tok.pad_token_id, dtype=np.int64)
     tgt = np.zeros((bsz, length), dtype=np.int64)
@@ -386,8 +400,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
 
 # ---------------------------------------------------------------- export
 
-def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | None = None) -> Path:
-    """Write the latest checkpoint of ``run_dir`` as a bf16 HF model dir (safetensors + tokenizer + card)."""
+def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | None = None,
+           notes: str | None = None) -> Path:
+    """Write the latest checkpoint of ``run_dir`` as a bf16 HF model dir (safetensors + tokenizer + card).
+
+    ``notes`` (default: ``run_dir/NOTES.md`` if present) go into the card verbatim, e.g. recipe changes made
+    while the run was going.
+    """
     from transformers import AutoTokenizer, GenerationConfig
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -412,7 +431,9 @@ def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | Non
     old_card = out_dir / "eval.json"
     if eval_results is None and old_card.exists():
         eval_results = json.loads(old_card.read_text())
-    write_card(tmp, cfg, state["history"], state["step"], eval_results)
+    if notes is None and (run_dir / "NOTES.md").exists():
+        notes = (run_dir / "NOTES.md").read_text()
+    write_card(tmp, cfg, state["history"], state["step"], eval_results, notes)
     if eval_results is not None:
         (tmp / "eval.json").write_text(json.dumps(eval_results, indent=1))
     if out_dir.exists():
