@@ -24,7 +24,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log output on stderr.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto|fp32|bf16|fp16 (auto: a checkpoint's own dtype, upcast to fp32 on CPU; bf16 for real-shape presets).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")]
-OutOpt = Annotated[str, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Overwrite the input checkpoint (safely, via a backup).")]
 AttnOpt = Annotated[str | None, typer.Option("--attn", help="Attention: sdpa|eager or a seqtool patch spec, e.g. block_topk:budget=0.25,min_len=0.", show_default=False)]

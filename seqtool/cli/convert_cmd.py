@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, emit, handle_errors,
-                                log, table)
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
+                                handle_errors, log, table)
 from seqtool.errors import BadInputError
 from seqtool.utils import format_bytes, format_count
 
@@ -16,7 +16,6 @@ SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibratio
 RecoverOpt = Annotated[str | None, typer.Option("--recover", help="Recovery fine-tune after converting: lora.", show_default=False)]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Recovery fine-tune steps (batch 4 x 256 tokens).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for calibration windows, random scores and recovery.")]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
 
 
 def resolve_output(model: str, output: str | None, in_place: bool) -> str:

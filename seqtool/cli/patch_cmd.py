@@ -5,9 +5,8 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, emit, handle_errors, log, table
-
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
+                                handle_errors, log, table)
 
 
 def render(result) -> str:

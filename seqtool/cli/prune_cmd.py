@@ -5,8 +5,9 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, emit, handle_errors, log
-from seqtool.cli.convert_cmd import (CalibOpt, OutputOpt, RecoverOpt, SamplesOpt, SeedOpt, SeqLenOpt, StepsOpt,
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
+                                handle_errors, log)
+from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, SamplesOpt, SeedOpt, SeqLenOpt, StepsOpt,
                                      render, resolve_output)
 
 
