@@ -93,3 +93,21 @@ def forbid_grad(op: str, *tensors: torch.Tensor | None) -> None:
             f"{op} has no backward pass; call it under torch.no_grad() or torch.inference_mode()"
         )
 
+
+
+def rope_rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE-encoded vectors ``x`` (..., D) by ``shift`` positions (broadcast to x.shape[:-1]).
+
+    RoPE (rotate-half layout, as transformers applies it) rotates dim pairs (i, i + R/2) of the first
+    R = 2 * len(inv_freq) dims by position * inv_freq; rotations compose, so rotating an encoded key by
+    ``shift * inv_freq`` re-encodes it at position + shift. Dims past R (partial rotary) are left alone.
+    Returns a new tensor in x's dtype (angles in fp64, so large shifts stay exact).
+    """
+    half = inv_freq.numel()
+    ang = shift.to(torch.float64)[..., None] * inv_freq.to(device=x.device, dtype=torch.float64)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    out = x.clone()
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:2 * half] = x2 * cos + x1 * sin
+    return out

@@ -9,10 +9,17 @@ key`` and keeps the best, always with the first chunk and the ``local_blocks`` c
 
 Budget → units: the budget (key positions per query, resolved at each query block's last query) is rounded up to
 whole chunks, first + local chunks included; ``trained_len`` (0 = off) caps the kept positions per query so each
-head attends at most the model's trained length. Original positions are kept: LongHeads also re-encodes the
-selected chunks' positions to stay within the trained range, which this patch cannot do because RoPE is already
-applied to the keys it receives (documented limitation). Prefill and decode run ``kernels.block_sparse_attn``
-(:class:`BlockSelection`, per query head).
+head attends at most the model's trained length.
+
+Positions (``reencode=true``, the default, as in LongHeads): a query block sees its selected chunks packed next to
+each other, ending at its own chunk, so every relative distance stays within the kept span (at most the budget,
+or ``trained_len``) however long the input. RoPE is already applied to the keys the attention receives, and
+rotations compose, so each selected chunk's keys are rotated by its shift (packed start - original start) for
+that query block (``kernels.block_sparse_attn(block_shift=...)``); chunks already contiguous with the query
+block keep shift 0, so a full budget is exactly dense attention. ``reencode=false`` keeps the original positions.
+The model's RoPE frequencies are read from its rotary module when the patch is applied (models without RoPE
+need ``reencode=false``). Prefill and decode run ``kernels.block_sparse_attn`` (:class:`BlockSelection`, per
+query head).
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from seqtool.errors import BadInputError
+from seqtool.errors import BadInputError, UnsupportedModelError
 from seqtool.patches._blocks import assemble, plan_blocks, query_blocks, topk_middle
 from seqtool.patches._units import unit_reps
 from seqtool.patches.base import AttentionMethod, AttnCall
@@ -40,6 +48,20 @@ def chunk_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     return torch.einsum("bhnw,bhnwd->bhnd", weights, k)
 
 
+def packed_shift(index: torch.Tensor, count: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Position shift ``(B, H, nq, M)`` int32 that packs each query block's selected chunks contiguously.
+
+    ``index`` ``(B, H, nq, M)`` ascending chunk ids (first ``count`` valid): slot ``i`` of ``n`` moves to chunk
+    ``last - (n - 1 - i)`` where ``last`` is the query block's own (last) chunk, i.e. shift
+    ``(last - (n - 1 - i) - index_i) * block_size``; contiguous trailing chunks get 0, unused slots 0.
+    """
+    slot = torch.arange(index.shape[-1], device=index.device)
+    n = count.long()[..., None]
+    last = index.long().gather(-1, (n - 1).clamp(min=0))
+    shift = (last - (n - 1 - slot) - index.long()) * block_size
+    return torch.where(slot < n, shift, 0).to(torch.int32)
+
+
 @register_method
 @dataclass
 class LongHeadsMethod(AttentionMethod):
@@ -53,11 +75,28 @@ class LongHeadsMethod(AttentionMethod):
     sink_blocks: int = 1
     local_blocks: int = 2
     trained_len: int = 0
+    reencode: bool = True
 
     def validate(self) -> None:
         if self.block_size < 1 or self.sink_blocks < 0 or self.local_blocks < 1 or self.trained_len < 0:
             raise BadInputError("longheads needs block_size >= 1, sink_blocks >= 0, local_blocks >= 1, "
                                 "trained_len >= 0")
+
+    def prepare(self, model: nn.Module) -> None:
+        """Find the model's rotary module (its ``inv_freq`` is read at each call: dynamic RoPE may change it)."""
+        self._rotary = None
+        if not self.reencode:
+            return
+        for module in model.modules():
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+                self._rotary = module
+                return
+        raise UnsupportedModelError("longheads re-encodes RoPE positions but this model has no rotary embedding; "
+                                    "pass reencode=false")
+
+    def _inv_freq(self) -> torch.Tensor | None:
+        rotary = getattr(self, "_rotary", None)
+        return None if rotary is None else rotary.inv_freq.float()
 
     def _select(self, call: AttnCall, bq: int) -> BlockSelection:
         b, hq, tq, d = call.q.shape
@@ -72,7 +111,12 @@ class LongHeadsMethod(AttentionMethod):
         if missing:
             sc = torch.nn.functional.pad(sc, (0, missing), value=float("-inf"))
         index, count = assemble(plan, topk_middle(plan, sc))
-        return BlockSelection(index, count, bq, self.block_size, tq, call.tk)
+        inv_freq = self._inv_freq() if self.reencode else None
+        if inv_freq is None:
+            return BlockSelection(index, count, bq, self.block_size, tq, call.tk)
+        return BlockSelection(index, count, bq, self.block_size, tq, call.tk,
+                              block_shift=packed_shift(index, count, self.block_size),
+                              rope_inv_freq=inv_freq.to(call.q.device))
 
     def select(self, call: AttnCall) -> Selection:
         return self._select(call, self.block_size)

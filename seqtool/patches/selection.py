@@ -26,14 +26,26 @@ def causal_pairs(tq: int, tk: int) -> int:
 
 
 def _span_pair_counts(tq: int, tk: int, q_block: int, k_block: int, device) -> torch.Tensor:
-    """``(nq, nk)`` causal pairs between query block i and key block j (queries aligned to the key end)."""
-    pos = torch.arange(tq, device=device) + (tk - tq)
-    starts = torch.arange(0, tk, k_block, device=device)
-    ends = (starts + k_block).clamp(max=tk)
-    per_query = (torch.minimum(pos[:, None] + 1, ends[None, :]) - starts[None, :]).clamp(min=0)  # (tq, nk)
+    """``(nq, nk)`` causal pairs between query block i and key block j (queries aligned to the key end).
+
+    Closed form, O(nq * nk): query p sees min(p + 1, e) - s keys of key block [s, e) (clamped to [0, e - s]),
+    and sum_{t=1..x} clamp(t - s, 0, e - s) = T(x - s) - T(x - e) with T(n) = n (n + 1) / 2 for n > 0.
+    """
+    def tri(n: torch.Tensor) -> torch.Tensor:
+        n = n.clamp(min=0)
+        return n * (n + 1) // 2
+
     nq = -(-tq // q_block)
-    padded = F.pad(per_query, (0, 0, 0, nq * q_block - tq))
-    return padded.view(nq, q_block, -1).sum(1)
+    j = torch.arange(nq, device=device)
+    first = (tk - tq) + j * q_block  # first query position of each block
+    last = (tk - tq) + torch.clamp((j + 1) * q_block, max=tq) - 1
+    s = torch.arange(0, tk, k_block, device=device)
+    e = (s + k_block).clamp(max=tk)
+
+    def upto(x: torch.Tensor) -> torch.Tensor:  # (nq, nk) pairs of the queries at positions < x
+        return tri(x[:, None] - s[None, :]) - tri(x[:, None] - e[None, :])
+
+    return upto(last + 1) - upto(first)
 
 
 class Selection:
@@ -102,10 +114,28 @@ class BlockSelection(Selection):
     block_k: int
     tq: int
     tk: int
+    #: Optional RoPE re-encoding (LongHeads): position shift ``(B, Hq, nq, max_k)`` of each listed key block
+    #: as seen by its query block, with the model's ``rope_inv_freq`` ``(R/2,)``.
+    block_shift: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None
 
     def attend(self, q, k, v, scale):
         return kernels.block_sparse_attn(q, k, v, self.block_index, self.block_count,
-                                         block_q=self.block_q, block_k=self.block_k, scale=scale)
+                                         block_q=self.block_q, block_k=self.block_k, scale=scale,
+                                         block_shift=self.block_shift, rope_inv_freq=self.rope_inv_freq)
+
+    def key_shift(self) -> torch.Tensor | None:
+        """``(B, Hq, Tq, Tk)`` long position shift of each key as seen by each query (tests and references
+        only; None without re-encoding)."""
+        if self.block_shift is None:
+            return None
+        nk = -(-self.tk // self.block_k)
+        b, h, nq, _ = self.block_index.shape
+        per_block = torch.zeros(b, h, nq, nk + 1, dtype=torch.long, device=self.block_index.device)
+        idx = torch.where(self._valid(), self.block_index.long(), nk)
+        per_block.scatter_(-1, idx, torch.where(self._valid(), self.block_shift.long(), 0))
+        dense = per_block[..., :nk].repeat_interleave(self.block_q, 2)[:, :, : self.tq]
+        return dense.repeat_interleave(self.block_k, 3)[..., : self.tk]
 
     def _valid(self) -> torch.Tensor:
         slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)

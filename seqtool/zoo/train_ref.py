@@ -76,6 +76,22 @@ class TrainConfig:
     eval_every: int = 100
     eval_samples: int = 8
     eval_len: int = 2048
+    # Stage 2: start from an exported model dir (its weights and tokenizer) instead of a fresh init.
+    init_from: str | None = None
+    induction_vocab: int = 1024  # induction rows draw their tokens from this many most frequent tokens
+
+    @classmethod
+    def retrieval_stage(cls, init_from: str) -> "TrainConfig":
+        """Stage 2 of the shipped model: retrieval-heavy training at 2048 tokens from the stage-1 export.
+
+        Stage 1 (the default config, see the card's run notes) learnt the language but only began to copy;
+        this stage trains mostly on retrieval prompts of 512-2048 tokens (answer loss) with a text share that
+        keeps the language model, and short-span induction rows over a small vocabulary (digits-like pieces),
+        where a content-matching copy circuit forms quickly.
+        """
+        mix = {"text": 0.25, "induction": 0.1, "passkey": 0.25, "niah": 0.1, "multikey": 0.2, "vt": 0.1}
+        return cls(init_from=init_from, phases=[[150, 1024, 8, mix], [1800, 2048, 4, mix]], lr=1e-3,
+                   min_lr_frac=0.1, warmup=30, weight_decay=0.1, mix=mix, induction_vocab=256, threads=1)
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -131,6 +147,20 @@ def build_model(cfg: TrainConfig, tokenizer):
     return model
 
 
+def _init_weights(model, cfg: TrainConfig) -> None:
+    """Load the stage-1 export's weights (fp32 copy of its tensors) when ``cfg.init_from`` is set."""
+    if not cfg.init_from:
+        return
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if [m for m in missing if "lm_head" not in m] or unexpected:
+        raise BadInputError(f"{cfg.init_from} does not match the configured shape "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
 # ---------------------------------------------------------------- data
 
 def prepare_data(cfg: TrainConfig, run_dir: Path):
@@ -138,6 +168,8 @@ def prepare_data(cfg: TrainConfig, run_dir: Path):
     from transformers import AutoTokenizer
 
     tok_dir = run_dir / "tokenizer"
+    if cfg.init_from and not (tok_dir / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(cfg.init_from).save_pretrained(str(tok_dir))
     if not (tok_dir / "tokenizer.json").exists():
         text = corpus.load_text("train", cfg.tokenizer_chars)
         train_tokenizer(chunk_text(text), vocab_size=cfg.vocab_size, out_dir=tok_dir)
@@ -168,12 +200,12 @@ def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.rand
     return None
 
 
-_FREQ: dict[int, np.ndarray] = {}
+_FREQ: dict[tuple, np.ndarray] = {}
 
 
 def _frequent_tokens(train_ids: np.ndarray, k: int = 1024) -> np.ndarray:
     """The ``k`` most frequent token ids of the training stream (specials excluded), cached."""
-    key = id(train_ids)
+    key = (id(train_ids), k)
     if key not in _FREQ:
         counts = np.bincount(train_ids, minlength=3)
         counts[:3] = 0
@@ -229,7 +261,7 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             ids[b, 1:] = train_ids[off:off + length - 1]
             tgt[b, 1:] = 1
         elif kind == "induction":
-            _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids), bos)
+            _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
         else:
             plen = int(rng.integers(96 if length <= 256 else length // 4, length - 24 + 1))
             s = _train_sample(kind, tok, train_ids, plen, rng)
@@ -343,7 +375,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
         random.setstate(state["py_rng"])
         _log(run_dir, f"resumed at step {step}")
     else:
-        _log(run_dir, f"new run: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        _init_weights(model, cfg)
+        _log(run_dir, f"new run{' from ' + cfg.init_from if cfg.init_from else ''}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                       f"{len(train_ids)} train tokens, {cfg.total_steps} steps")
     model.train()
     t0 = time.time()
@@ -442,10 +475,22 @@ def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | Non
     return out_dir
 
 
+def make_config(tiny: bool = False, init_from: str | None = None) -> TrainConfig:
+    """The stage-1 config (fresh init), the stage-2 retrieval config (``init_from`` a stage-1 export) or tiny."""
+    if init_from is not None:
+        if not (Path(init_from) / "config.json").exists():
+            raise BadInputError(f"--init-from {init_from}: not a model directory (no config.json)")
+        cfg = TrainConfig.retrieval_stage(str(init_from))
+        if tiny:  # the tiny shape cannot load a real stage-1 model; keep the stage's mix, tiny sizes
+            raise BadInputError("--tiny and --init-from cannot be combined")
+        return cfg
+    return TrainConfig.tiny() if tiny else TrainConfig()
+
+
 def run(run_dir: str | Path, *, tiny: bool = False, max_steps: int | None = None,
-        export_dir: str | Path | None = None) -> TrainResult:
+        export_dir: str | Path | None = None, init_from: str | None = None) -> TrainResult:
     """Train (resuming if possible) and optionally export: the library call behind ``seqtool zoo train-ref``."""
-    cfg = TrainConfig.tiny() if tiny else TrainConfig()
+    cfg = make_config(tiny, init_from)
     result = train(cfg, run_dir, max_steps)
     if export_dir is not None:
         result.exported = str(export(run_dir, export_dir))
@@ -460,12 +505,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export", default=None, metavar="DIR", help="export the latest checkpoint to DIR and exit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's 2)")
     p.add_argument("--eval-json", default=None, help="with --export: eval results JSON to put in the model card")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="stage 2: retrieval training starting from this stage-1 export")
     a = p.parse_args(argv)
     if a.export:
         ev = json.loads(Path(a.eval_json).read_text()) if a.eval_json else None
         print(export(a.run_dir, a.export, eval_results=ev))
         return
-    cfg = TrainConfig.tiny() if a.tiny else TrainConfig()
+    cfg = make_config(a.tiny, a.init_from)
     if a.threads:
         cfg.threads = a.threads
     print(json.dumps(asdict(train(cfg, a.run_dir, a.max_steps))))

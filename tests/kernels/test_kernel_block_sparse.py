@@ -134,3 +134,45 @@ def test_vertical_slash_index_columns_avoid_blocks():
     # query block 1 (192..255): diagonal -> block 3, slash 100 -> keys 92..155 -> blocks 1, 2
     assert set(bi[0, 0, 1, : bc[0, 0, 1]].tolist()) == {1, 2, 3}
     assert ci[0, 0, 1, : cc[0, 0, 1]].tolist() == [0, 5]
+
+
+@pytest.mark.parametrize("case", CPU_CASES[:4], ids=lambda c: f"T{c[3]}x{c[4]}-D{c[5]}-{c[8]}")
+def test_rope_block_shift_matches_reference(case):
+    """Per-(query block, key block) RoPE re-encoding (LongHeads) equals dense attention over re-rotated keys."""
+    B, Hq, Hkv, Tq, Tk, D, bq, bk, dtype, keep, kvs = case
+    q, k, v = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype)
+    bi, bc = random_block_pattern(B, Hq, Tq, Tk, block_q=bq, block_k=bk, keep=keep,
+                                  generator=torch.Generator().manual_seed(1))
+    shift = torch.randint(-300, 300, bi.shape, generator=torch.Generator().manual_seed(2))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D - 8, 2).float() / D))  # partial rotary: last 8 dims untouched
+    kw = dict(block_q=bq, block_k=bk, kv_start=None if kvs is None else torch.tensor(kvs), return_lse=True,
+              block_shift=shift, rope_inv_freq=inv_freq)
+    out, lse = block_sparse_attn(q, k, v, bi, bc, backend="torch", **kw)
+    ref_o, ref_l = block_sparse_attn(q, k, v, bi, bc, backend="reference", **kw)
+    plain = block_sparse_attn(q, k, v, bi, bc, block_q=bq, block_k=bk, backend="torch")
+    assert_close("out", ref_o, out, TOL[q.dtype])
+    assert_close("lse", ref_l, lse, 1e-4)
+    assert (out.float() - plain.float()).abs().max() > 10 * TOL[q.dtype]  # the shift really changed the result
+    zero = block_sparse_attn(q, k, v, bi, bc, block_q=bq, block_k=bk, backend="torch",
+                             block_shift=torch.zeros_like(shift), rope_inv_freq=inv_freq)
+    torch.testing.assert_close(zero, plain, atol=0, rtol=0)
+
+
+def test_rope_rotate_composes_with_positions():
+    """Rotating a RoPE-encoded vector by s equals encoding it at position + s (transformers' own RoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from seqtool.kernels._common import rope_rotate
+
+    D, T = 16, 7
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).double() / D))
+    x = torch.randn(1, 1, T, D, dtype=torch.float64)
+
+    def encode(pos):
+        freqs = pos[:, None].double() * inv_freq
+        emb = torch.cat([freqs, freqs], -1)
+        return apply_rotary_pos_emb(x, x, emb.cos()[None], emb.sin()[None])[0]
+
+    pos = torch.arange(T)
+    shift = torch.tensor([0, 5, -3, 100, 7, 1, 4000])
+    torch.testing.assert_close(rope_rotate(encode(pos), shift, inv_freq), encode(pos + shift))

@@ -16,7 +16,13 @@ def tiny(name: str = "tiny-qwen2"):
 
 
 def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    mask = _MASKS[module.layer_idx]  # (B, Hq, Tq, Tk) bool
+    mask = _MASKS[module.layer_idx]  # (B, Hq, Tq, Tk) bool, or (mask, key shift (B, Hq, Tq, Tk), inv_freq)
+    if isinstance(mask, tuple):  # RoPE re-encoding (LongHeads): every pair's key rotated by its shift
+        from seqtool.kernels.block_sparse.reference import shifted_attention_reference
+
+        mask, shift, inv_freq = mask
+        out, _ = shifted_attention_reference(query, key, value, mask, shift, inv_freq, scaling)
+        return out.transpose(1, 2).contiguous(), None
     rep = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(rep, 1).double()
     v = value.repeat_interleave(rep, 1).double()
@@ -44,16 +50,23 @@ def masked_forward(model, input_ids: torch.Tensor, masks: dict[int, torch.Tensor
         model.set_attn_implementation(previous)
 
 
-def stitched_masks(records: dict, total: int) -> dict[int, torch.Tensor]:
-    """Full (B, Hq, total, total) masks per layer from recorded calls (no padding, no eviction)."""
+def stitched_masks(records: dict, total: int) -> dict:
+    """Full (B, Hq, total, total) masks per layer from recorded calls (no padding, no eviction); a layer whose
+    selections re-encode positions gets (mask, key shift, inv_freq) instead."""
     out = {}
     for layer, recs in records.items():
         first = recs[0].selection.mask()
         b, h = first.shape[:2]
         full = torch.zeros(b, h, total, total, dtype=torch.bool)
+        shift = torch.zeros(b, h, total, total, dtype=torch.long)
+        inv_freq = None
         for rec in recs:
             m = rec.selection.mask()
             tq, tk = m.shape[-2:]
             full[:, :, tk - tq : tk, :tk] = m
-        out[layer] = full
+            ks = getattr(rec.selection, "key_shift", lambda: None)()
+            if ks is not None:
+                shift[:, :, tk - tq : tk, :tk] = ks
+                inv_freq = rec.selection.rope_inv_freq
+        out[layer] = full if inv_freq is None else (full, shift, inv_freq)
     return out

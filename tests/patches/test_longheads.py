@@ -47,3 +47,41 @@ def test_no_square_tensor_on_sparse_path():
 
 def test_every_preset_matches_masked_reference():
     check_presets_masked("longheads", block_size=16)
+
+
+def test_packed_shift_by_hand():
+    from seqtool.patches.longheads import packed_shift
+
+    index = torch.tensor([[[[0, 3, 7, 8, 0], [0, 1, 2, 0, 0]]]], dtype=torch.int32)  # (1, 1, 2, 5)
+    count = torch.tensor([[[4, 3]]], dtype=torch.int32)
+    # row 0: chunks 0,3,7,8 pack to 5,6,7,8; row 1 is already contiguous
+    assert packed_shift(index, count, 16).tolist() == [[[[80, 48, 0, 0, 0], [0, 0, 0, 0, 0]]]]
+
+
+def test_reencoding_keeps_distances_within_the_kept_span():
+    model = tiny("tiny-llama")
+    ids = torch.randint(3, 250, (1, 256))
+    handle = apply_patch(model, "longheads", budget=64, min_len=0, block_size=16)
+    with handle.recording() as records, torch.no_grad():
+        out = model(ids).logits
+    handle.remove()
+    sel = records[0][0].selection
+    shift, mask = sel.key_shift(), sel.mask()
+    assert int(shift.abs().max()) > 0
+    qpos = torch.arange(256)[:, None]
+    distance = (qpos - (torch.arange(256)[None, :] + shift))[mask]
+    assert int(distance.min()) >= 0 and int(distance.max()) < 64 + 16  # 64 tokens rounded up to whole chunks
+    apply_patch(model, "longheads", budget=64, min_len=0, block_size=16, reencode=False)
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert (out - plain).abs().max() > 1e-3  # the re-encoding changes the result (matrix tests check it is right)
+
+
+def test_reencode_needs_rope():
+    import pytest
+
+    from seqtool.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="reencode=false"):
+        LongHeadsMethod(budget=0.5).prepare(torch.nn.Linear(2, 2))
+    LongHeadsMethod(budget=0.5, reencode=False).prepare(torch.nn.Linear(2, 2))

@@ -15,7 +15,8 @@ def block_sparse_attn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor, block_count: torch.Tensor, *,
     block_q: int = 64, block_k: int = 64, scale: float | None = None, kv_start: torch.Tensor | None = None,
     return_lse: bool = False, column_index: torch.Tensor | None = None,
-    column_count: torch.Tensor | None = None, backend: str = "auto",
+    column_count: torch.Tensor | None = None, block_shift: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None, backend: str = "auto",
 ):
     """Causal attention of each query block over its listed key blocks (and optional extra key columns).
 
@@ -25,6 +26,10 @@ def block_sparse_attn(
     block_count (B, Hq, ceil(Tq/block_q)) int. column_index (B, Hq, n_qblocks, max_cols) int: absolute key
     positions attended in addition (must not fall inside listed blocks), with column_count like block_count.
     kv_start (B,) int: keys before it are ignored. Causal masking applies inside blocks.
+    block_shift (B, Hq, n_qblocks, max_k_blocks) int with rope_inv_freq (R/2,): RoPE position re-encoding, the
+    keys of each listed block are moved by that many positions for that query block (LongHeads); causality
+    still follows the original positions. Computed by the torch path on every device (the Triton kernel
+    has no re-encoding).
     Returns out (B, Hq, Tq, D) in q.dtype, plus lse (B, Hq, Tq) fp32 if return_lse; rows that see no key
     give out 0 and lse -inf. Forward only. backend: auto (triton on CUDA, torch otherwise), triton, torch.
     """
@@ -42,6 +47,15 @@ def block_sparse_attn(
     if column_index is not None:
         column_index = check_int_tensor(column_index, "column_index", (B, Hq, nq), q.device, op, last_free=True)
         column_count = check_int_tensor(column_count, "column_count", (B, Hq, nq), q.device, op)
+    if (block_shift is None) != (rope_inv_freq is None):
+        raise ShapeError(f"{op}: pass block_shift and rope_inv_freq together")
+    if block_shift is not None:
+        block_shift = check_int_tensor(block_shift, "block_shift", (B, Hq, nq), q.device, op, last_free=True)
+        if block_shift.shape != block_index.shape:
+            raise ShapeError(f"{op}: block_shift {tuple(block_shift.shape)} must match block_index "
+                             f"{tuple(block_index.shape)}")
+        if rope_inv_freq.dim() != 1 or 2 * rope_inv_freq.numel() > D:
+            raise ShapeError(f"{op}: rope_inv_freq must be 1-D with at most D/2 = {D // 2} frequencies")
     kv_start = check_per_batch(kv_start, "kv_start", B, q.device, op)
     if q.device.type == "cpu":  # on CUDA this would cost a sync per call; the kernel masks bad ids instead
         _check_ids(block_index, block_count, cdiv(Tk, block_k), "block_index", op)
@@ -52,6 +66,9 @@ def block_sparse_attn(
     backend = resolve_backend(backend, q.device, op)
     kw = dict(block_q=block_q, block_k=block_k, scale=scale, kv_start=kv_start, column_index=column_index,
               column_count=column_count)
+    if block_shift is not None:
+        kw.update(block_shift=block_shift, rope_inv_freq=rope_inv_freq)
+        backend = "torch" if backend == "triton" else backend
     with torch.no_grad():
         if backend == "triton":
             from .triton_impl import block_sparse_attn_triton

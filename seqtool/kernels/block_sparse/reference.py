@@ -51,14 +51,48 @@ def masked_attention_reference(q, k, v, mask, scale):
 
 
 def block_sparse_attn_reference(q, k, v, block_index, block_count, *, block_q=64, block_k=64, scale=None,
-                                kv_start=None, column_index=None, column_count=None):
+                                kv_start=None, column_index=None, column_count=None, block_shift=None,
+                                rope_inv_freq=None):
     """Obviously-right block_sparse_attn: build the token mask, run masked dense attention. Returns (out, lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = sparse_token_mask(q.shape[2], k.shape[2], block_index.cpu(), block_count.cpu(), block_q=block_q,
                              block_k=block_k, kv_start=kv_start,
                              column_index=None if column_index is None else column_index.cpu(),
                              column_count=None if column_count is None else column_count.cpu())
-    return masked_attention_reference(q, k, v, mask, scale)
+    if block_shift is None:
+        return masked_attention_reference(q, k, v, mask, scale)
+    shift = token_shift(q.shape[2], k.shape[2], block_index.cpu(), block_count.cpu(), block_shift.cpu(),
+                        block_q=block_q, block_k=block_k)
+    return shifted_attention_reference(q, k, v, mask, shift, rope_inv_freq, scale)
+
+
+def token_shift(Tq, Tk, block_index, block_count, block_shift, *, block_q, block_k) -> torch.Tensor:
+    """(B, H, Tq, Tk) long: the position shift of key t as seen by query i (0 outside listed blocks)."""
+    B, H, nq, _ = block_index.shape
+    out = torch.zeros(B, H, Tq, Tk, dtype=torch.long)
+    for b in range(B):
+        for h in range(H):
+            for j in range(nq):
+                rows = slice(j * block_q, min((j + 1) * block_q, Tq))
+                for s in range(int(block_count[b, h, j])):
+                    blk = int(block_index[b, h, j, s])
+                    out[b, h, rows, blk * block_k:min((blk + 1) * block_k, Tk)] = int(block_shift[b, h, j, s])
+    return out
+
+
+def shifted_attention_reference(q, k, v, mask, shift, inv_freq, scale):
+    """masked_attention_reference with every (query, key) pair's key re-encoded by ``shift`` (B,Hq,Tq,Tk)."""
+    from .._common import rope_rotate
+
+    g = q.shape[1] // k.shape[1]
+    qd = q.double().cpu()
+    kd, vd = k.double().cpu().repeat_interleave(g, 1), v.double().cpu().repeat_interleave(g, 1)
+    kq = rope_rotate(kd[:, :, None].expand(-1, -1, q.shape[2], -1, -1), shift, inv_freq.cpu())  # (B,H,Tq,Tk,D)
+    s = torch.einsum("bhqd,bhqkd->bhqk", qd, kq) * scale
+    s = s.masked_fill(~mask.cpu(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return (p @ vd).to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
 def vertical_slash_mask(Tq, Tk, vertical_index, slash_index, *, block_q, block_k, kv_start=None):

@@ -107,8 +107,11 @@ def _merge_store(out_rows, lse_rows, rows, o, l, m):
 
 
 def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block_k, scale, kv_start=None,
-                            column_index=None, column_count=None):
-    """Same contract as block_sparse_attn (inputs already validated). Returns (out, lse fp32)."""
+                            column_index=None, column_count=None, block_shift=None, rope_inv_freq=None):
+    """Same contract as block_sparse_attn (inputs already validated). Returns (out, lse fp32).
+
+    With ``block_shift``, each gathered key block is RoPE-rotated by its shift for that query block.
+    """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -149,7 +152,13 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     diag = need & (k0 == q0) & (k0 >= rk) if bq == bk else torch.zeros_like(need)
     fast = (n_need == 0) | ((n_need == 1) & (diag.sum(1) == 1))
     # fast rows: fully visible blocks first, the diagonal last, unused slots after
-    blk_fast = blk.gather(1, torch.argsort((~used).long() * 2 + need.long(), dim=1, stable=True))
+    perm = torch.argsort((~used).long() * 2 + need.long(), dim=1, stable=True)
+    blk_fast = blk.gather(1, perm)
+    shift = shift_fast = None
+    if block_shift is not None:
+        shift = block_shift.reshape(R, maxk).long()
+        shift_fast = shift.gather(1, perm)
+        inv_freq = rope_inv_freq.to(dev)
     tri = torch.full((bq, bk), _NEG, device=dev).triu_(1)
 
     key = torch.where(fast, counts * 2 + (n_need > 0).long(), -1 - counts)  # general rows: key < 0
@@ -170,6 +179,8 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
             if kv_key >= 0:
                 ids = (row_kvh[rows, None] * nkb + blk_fast[rows, :c]).reshape(-1)
                 kg, vg = _gather_kv(ws, kf2, vf2, ids, n, c * bk, D)
+                if shift is not None:
+                    kg = _shift_keys(kg, shift_fast[rows, :c], inv_freq)
                 bias = (lambda sc: sc[:, :, -bk:].add_(tri)) if kv_key % 2 else None
                 o, l, m = _softmax_av(ws, qb, kg, vg, bias)
                 out_rows.index_copy_(0, rows, o.div_(l[..., None]))
@@ -178,6 +189,8 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
                 bl = blk[rows, :c]
                 ids = (row_kvh[rows, None] * nkb + bl).reshape(-1)
                 kg, vg = _gather_kv(ws, kf2, vf2, ids, n, c * bk, D)
+                if shift is not None:
+                    kg = _shift_keys(kg, shift[rows, :c], inv_freq)
                 o, l, m = _softmax_av(ws, qb, kg, vg, _block_mask(bl * bk, row_q0[rows], row_kvs[rows], n, bq, bk,
                                                                   c, Tk))
                 _store(out_rows, lse_rows, rows, o, l, m)
@@ -188,6 +201,17 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     out = out_rows.view(B, Hq, nq * bq, D)[:, :, :Tq].to(q.dtype)
     lse = lse_rows.view(B, Hq, nq * bq)[:, :, :Tq]
     return out.contiguous(), lse.contiguous()
+
+
+def _shift_keys(kg, shift, inv_freq):
+    """Gathered keys (n, c*bk, D) RoPE-rotated by shift (n, c) per block; untouched when every shift is 0."""
+    if not bool(shift.any()):
+        return kg
+    n, L, D = kg.shape
+    c = shift.shape[1]
+    from .._common import rope_rotate
+
+    return rope_rotate(kg.view(n, c, L // c, D), shift[:, :, None], inv_freq).view(n, L, D)
 
 
 def _block_mask(k0, q0, kvs, n, bq, bk, c, Tk):
