@@ -321,3 +321,32 @@ class ColumnBlockSelection(BlockSelection):
         cols.scatter_(-1, torch.where(self._column_valid(), self.column_index.long(), self.tk), True)
         cols = cols[..., : self.tk].repeat_interleave(self.block_q, 2)[:, :, : self.tq]
         return base | (cols & self._causal(base.device))
+
+
+@dataclass
+class QuerySplitSelection(Selection):
+    """Consecutive query ranges, each with its own selection over the keys up to its last query.
+
+    ``parts``: ``[(q_start, q_end, selection)]`` covering ``[0, tq)`` in order; part ``p`` sees keys
+    ``[0, tk - tq + q_end)`` (its queries stay end-aligned). Lets a block-granular method start a call in the
+    middle of a key block (several queries after eviction) without widening any query's window.
+    """
+
+    parts: list
+    tq: int
+    tk: int
+
+    def _keys(self, q_end: int) -> int:
+        return self.tk - self.tq + q_end
+
+    def attend(self, q, k, v, scale):
+        outs = [sel.attend(q[:, :, a:b], k[:, :, :self._keys(b)], v[:, :, :self._keys(b)], scale)
+                for a, b, sel in self.parts]
+        return torch.cat(outs, 2)
+
+    def kept_pairs(self):
+        return sum(sel.kept_pairs() for _, _, sel in self.parts)
+
+    def mask(self):
+        masks = [F.pad(sel.mask(), (0, self.tk - self._keys(b))) for _, b, sel in self.parts]
+        return torch.cat(masks, 2)

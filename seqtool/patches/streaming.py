@@ -10,17 +10,18 @@ forward select exactly the same keys.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from seqtool.errors import BadInputError, NotImplementedMethodError
+from seqtool.errors import BadInputError
 from seqtool.patches.base import AttentionMethod, AttnCall
 from seqtool.patches.cache import SeqtoolCacheLayer
 from seqtool.patches.registry import register_method
-from seqtool.patches.selection import BlockSelection, KeptSelection, Selection
+from seqtool.patches.selection import BlockSelection, KeptSelection, QuerySplitSelection, Selection
 
 
 @register_method
@@ -46,11 +47,23 @@ class Streaming(AttentionMethod):
     def select(self, call: AttnCall) -> Selection:
         cache = call.cache
         if isinstance(cache, StreamingCacheLayer) and cache.n_local is not None:
-            if cache.evicted_tokens:
-                raise NotImplementedMethodError("streaming: several queries after eviction are not supported; "
-                                                "decode one token at a time or prefill in one call")
-            return self.blocks(call, cache.n_local)
+            return self.blocks_after(call, cache.n_local)
         return self.blocks(call, self.n_local(call.tk))
+
+    def blocks_after(self, call: AttnCall, n_local: int) -> Selection:
+        """Several queries continuing a cached sequence (chunked prefill, speculative decode), maybe after
+        eviction. Kept keys are block-aligned with the original positions (sinks are whole blocks, the window
+        starts on a block boundary), so block selection in cache coordinates picks exactly the keys a full
+        forward would; queries up to the next block boundary form their own part so no query block straddles
+        two key blocks."""
+        head = min(call.tq, (-(call.tk - call.tq)) % self.block)
+        if head == 0 or head == call.tq:
+            return self.blocks(call, n_local)
+        split = call.tk - call.tq + head
+        first = dataclasses.replace(call, q=call.q[:, :, :head], k=call.k[:, :, :split], v=call.v[:, :, :split])
+        rest = dataclasses.replace(call, q=call.q[:, :, head:])
+        parts = [(0, head, self.blocks(first, n_local)), (head, call.tq, self.blocks(rest, n_local))]
+        return QuerySplitSelection(parts, call.tq, call.tk)
 
     def select_decode(self, call: AttnCall) -> Selection:
         cache = call.cache

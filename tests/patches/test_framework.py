@@ -166,3 +166,21 @@ def test_quest_decode_flops_scale_with_budget():
     full, _, _ = _attention_work("block_topk", "full", t=4096, tq=1, page=32)
     sparse, largest, kept = _attention_work("block_topk", 0.1, t=4096, tq=1, page=32)
     assert kept < 0.15 and sparse < full * 0.3
+
+
+def test_streaming_chunks_after_eviction_equal_a_full_forward():
+    """Several queries per call after eviction (chunked prefill / speculative decode), padded batch included."""
+    model = tiny()
+    apply_patch(model, "streaming", budget=48, block=16, sink_blocks=1)
+    ids = torch.randint(3, 250, (2, 230))
+    with torch.no_grad():
+        ref = model(ids).logits  # one call: every query sees its sink + window blocks, nothing evicted
+        cache = make_cache(model)
+        outs = [model(ids[:, :100], cache=cache, use_cache=True).logits]
+        t = 100
+        for n in (5, 37, 1, 16, 64, 7):  # chunks starting inside and on block boundaries
+            outs.append(model(ids[:, t : t + n], cache=cache, use_cache=True).logits)
+            t += n
+            assert max(layer.keys.shape[2] for layer in cache.layers) <= 16 + 48 + n
+        assert cache.layers[0].evicted_tokens > 0
+    torch.testing.assert_close(torch.cat(outs, 1), ref[:, :t], atol=1e-4, rtol=1e-4)
