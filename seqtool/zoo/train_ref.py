@@ -316,7 +316,7 @@ def quick_eval(model, tok, heldout_ids: np.ndarray, task: str, seq_len: int, n: 
     gens = greedy_generate(model, [s.input_ids for s in samples], [len(s.answer_ids) + 4 for s in samples],
                            pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok))
     model.train()
-    return float(np.mean([exact_match(tok.decode(g), s.answer) for g, s in zip(gens, samples)]))
+    return float(np.mean([exact_match(tok.decode(g, skip_special_tokens=True), s.answer) for g, s in zip(gens, samples)]))
 
 
 # ---------------------------------------------------------------- checkpoints

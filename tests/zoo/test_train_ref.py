@@ -40,3 +40,32 @@ def test_resume_gives_the_same_weights(tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quick_eval_scores_a_right_answer_followed_by_eos(tmp_path, monkeypatch):
+    """The training-time check decodes like `seqtool eval` (special tokens skipped): a model that answers
+    exactly and then stops scores 1, one that answers wrong scores 0."""
+    import seqtool.zoo.train_ref as tr
+
+    cfg = TrainConfig.tiny()
+    tok, _, heldout = tr.prepare_data(cfg, tmp_path)
+    model = tr.build_model(cfg, tok)
+    answers = {}
+
+    def fake_generate(model, prompts, max_new, pad_id, stop_ids):
+        return [answers[tuple(p)] for p in prompts]
+
+    monkeypatch.setattr(tr, "greedy_generate", fake_generate)
+    real_make = tr.make_sample
+
+    def recording_make(*args, **kwargs):
+        s = real_make(*args, **kwargs)
+        answers[tuple(s.input_ids)] = s.answer_ids + [tok.eos_token_id]
+        return s
+
+    monkeypatch.setattr(tr, "make_sample", recording_make)
+    assert tr.quick_eval(model, tok, heldout, "passkey", 300, 2) == 1.0
+    answers.update({k: v[:-2] + [tok.eos_token_id] for k, v in answers.items()})
+    recording_make_wrong = lambda *a, **k: real_make(*a, **k)  # noqa: E731
+    monkeypatch.setattr(tr, "make_sample", recording_make_wrong)
+    assert tr.quick_eval(model, tok, heldout, "passkey", 300, 2) == 0.0
