@@ -31,6 +31,16 @@ _COL_BUCKET = 16  # column groups: counts rounded up to this (padding is masked,
 _NEG = float("-inf")
 
 
+def _groups(key: torch.Tensor):
+    """Yield (key value, row ids) per distinct value of ``key`` (R,), largest value first."""
+    order = torch.argsort(key, descending=True, stable=True)
+    values, sizes = torch.unique_consecutive(key[order], return_counts=True)
+    start = 0
+    for value, size in zip(values.tolist(), sizes.tolist()):
+        yield value, order[start:start + size]
+        start += size
+
+
 def _rows_fp32(x: torch.Tensor, T: int, scale: float | None = None) -> torch.Tensor:
     """(B, H, t, D) -> contiguous fp32 (B, H, T, D), zero rows appended, times scale; no copy when possible."""
     if scale is None and x.dtype == torch.float32 and x.shape[2] == T and x.is_contiguous():
@@ -162,12 +172,8 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     tri = torch.full((bq, bk), _NEG, device=dev).triu_(1)
 
     key = torch.where(fast, counts * 2 + (n_need > 0).long(), -1 - counts)  # general rows: key < 0
-    order = torch.argsort(key, descending=True, stable=True)
-    values, sizes = torch.unique_consecutive(key[order], return_counts=True)
-    start = 0
-    for kv_key, size in zip(values.tolist(), sizes.tolist()):
-        seg = order[start:start + size]
-        start += size
+    for kv_key, seg in _groups(key):
+        size = seg.numel()
         c = kv_key // 2 if kv_key >= 0 else -1 - kv_key
         if c == 0:
             continue
@@ -254,12 +260,8 @@ def _columns(ws, qr, kb, vb, column_index, column_count, row_kvh, row_q0, row_kv
     simple = ~bad.any(1)
     width = (ccount + _COL_BUCKET - 1) // _COL_BUCKET * _COL_BUCKET
     key = torch.where(ccount > 0, width * 2 + (~simple).long(), 0)
-    order = torch.argsort(key, descending=True, stable=True)
-    values, sizes = torch.unique_consecutive(key[order], return_counts=True)
-    start = 0
-    for gkey, size in zip(values.tolist(), sizes.tolist()):
-        seg = order[start:start + size]
-        start += size
+    for gkey, seg in _groups(key):
+        size = seg.numel()
         W, masked = min(gkey // 2, maxcol), gkey % 2
         if W == 0:
             continue
