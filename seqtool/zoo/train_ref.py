@@ -213,8 +213,10 @@ def _frequent_tokens(train_ids: np.ndarray, k: int = 1024) -> np.ndarray:
     return _FREQ[key]
 
 
-def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, vocab: np.ndarray, bos: int) -> None:
+def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, vocab: np.ndarray,
+                   bos: int) -> list[tuple[int, int, int]]:
     """Fill one row (L,) with random tokens containing copied spans; mark the copies' tokens as kind 3.
+    Returns the copies as (source start, copy start, length).
 
     The copy distance varies, so only content-based induction (find the earlier occurrence of the current
     token, predict its successor) lowers the loss, not a fixed relative-position head. Tokens come from the
@@ -225,6 +227,7 @@ def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, v
     length = len(ids)
     ids[0] = bos
     ids[1:] = rng.choice(vocab, size=length - 1)
+    copies = []
     if rng.random() < 0.6:
         pos = 1
         while True:
@@ -233,6 +236,7 @@ def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, v
                 break
             ids[pos + m + g:pos + 2 * m + g] = ids[pos:pos + m]
             tgt[pos + m + g + 1:pos + 2 * m + g] = 3
+            copies.append((pos, pos + m + g, m))
             pos += 2 * m + g + int(rng.integers(0, 5))
     else:
         n = int(rng.integers(16, (length - 1) // 2 + 1))
@@ -240,6 +244,8 @@ def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, v
         s2 = int(rng.integers(s1 + n, length - n + 1))
         ids[s2:s2 + n] = ids[s1:s1 + n]
         tgt[s2 + 1:s2 + n] = 3
+        copies.append((s1, s2, n))
+    return copies
 
 
 def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):

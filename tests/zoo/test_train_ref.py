@@ -69,3 +69,25 @@ def test_quick_eval_scores_a_right_answer_followed_by_eos(tmp_path, monkeypatch)
     recording_make_wrong = lambda *a, **k: real_make(*a, **k)  # noqa: E731
     monkeypatch.setattr(tr, "make_sample", recording_make_wrong)
     assert tr.quick_eval(model, tok, heldout, "passkey", 300, 2) == 0.0
+
+
+def test_stage_two_starts_from_an_export(tmp_path):
+    """--init-from loads the stage-1 export's weights and tokenizer; a bad directory is a one-line error."""
+    import seqtool.zoo.train_ref as tr
+
+    cfg = TrainConfig.tiny()
+    cfg.eval_every = 0
+    train(cfg, tmp_path / "s1", max_steps=1)
+    export = tr.export(tmp_path / "s1", tmp_path / "s1-export")
+    cfg2 = TrainConfig.tiny()
+    cfg2.init_from, cfg2.eval_every = str(export), 0
+    tok, _, _ = tr.prepare_data(cfg2, tmp_path / "s2")
+    model = tr.build_model(cfg2, tok)
+    tr._init_weights(model, cfg2)
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(export).state_dict()
+    assert all(torch.equal(model.state_dict()[k], src[k].float()) for k in src)
+    res = CliRunner().invoke(app, ["zoo", "train-ref", "--run-dir", str(tmp_path / "s3"), "--init-from",
+                                   str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a model directory" in res.output
