@@ -52,6 +52,14 @@ def _eval_section(ev: dict | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stage_line(cfg) -> str:
+    if not cfg.init_from:
+        return ""
+    return (f"Trained in two stages: stage 1 (language + first retrieval, see the run notes) was exported, and this\n"
+            f"checkpoint is stage 2, `seqtool zoo train-ref --init-from <stage-1 export>` (retrieval-heavy mix at\n"
+            f"2048 tokens); the curriculum, mix and loss curve below are stage 2's.")
+
+
 def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results: dict | None,
                notes: str | None = None) -> Path:
     """Write ``out_dir/README.md`` from the run config, its loss history and (optional) eval results."""
@@ -73,6 +81,7 @@ A {cfg.num_layers}-layer Llama-architecture causal LM (hidden {cfg.hidden_size},
 {cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, MLP {cfg.intermediate_size}, RoPE theta {cfg.rope_theta:g},
 tied embeddings, vocab {cfg.vocab_size} byte-level BPE) trained from scratch on CPU by
 `python -m seqtool.zoo.train_ref` (also `seqtool zoo train-ref`). Weights are stored in bf16.
+{_stage_line(cfg)}
 It exists so that seqtool's rewrites (GQA conversion, pruning, sparse attention) can be measured on a model
 that really retrieves; it is not a useful language model.
 
@@ -91,7 +100,7 @@ that really retrieves; it is not a useful language model.
 - Curriculum (steps, seq_len, batch): {cfg_d['phases']}; AdamW lr {cfg.lr:g} (warmup {cfg.warmup},
   cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, bf16 autocast,
   seed {cfg.seed}.
-- This checkpoint: step **{step}** of {cfg.total_steps}, {tokens:,} training tokens.
+- This checkpoint: step **{step}** of {cfg.total_steps}{" of stage 2" if cfg.init_from else ""}, {tokens:,} training tokens{" in stage 2" if cfg.init_from else ""}.
 
 {("### Run notes" + chr(10) + notes.strip() + chr(10)) if notes else ""}
 ### Loss curve
