@@ -120,3 +120,26 @@ def test_padded_batch_equals_one_by_one(case):
     batched, _ = _decode(model, ids, width - 6, mask)
     for i, single in enumerate(singles):
         torch.testing.assert_close(batched[i : i + 1], single, atol=1e-4, rtol=1e-4)
+
+
+PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_family_prefill_and_decode(case, preset):
+    """Every method on every registry family (MHA and GQA, fused qkv for phi3): prefill then cached decode
+    equal the reference (recorded selections, or the full forward for evicting methods)."""
+    model = tiny(preset)
+    ids = torch.randint(3, 250, (2, 100))
+    handle = apply_patch(model, case.name, **_opts(case, 0.25))
+    with handle.recording() as records:
+        steps, _ = _decode(model, ids, 94)
+    if case.decode_reference == "forward":
+        with torch.no_grad():
+            ref = model(ids).logits[:, 93:]
+        handle.remove()
+    else:
+        handle.remove()
+        ref = masked_forward(model, ids, stitched_masks(records, 100))[:, 93:]
+    torch.testing.assert_close(steps, ref, atol=1e-4, rtol=1e-4)
