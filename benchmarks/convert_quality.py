@@ -60,7 +60,8 @@ class Cache:
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {}
         if check and self.data.get("settings") not in (None, settings):
-            raise SystemExit(f"{path} was made with other settings {self.data['settings']}; use another --cache")
+            log(f"{path} was made with other settings or weights ({self.data['settings']}): cached rows dropped")
+            self.data = {}
         self.data.setdefault("settings", settings)
         self.data.setdefault("rows", {})
 
@@ -266,6 +267,10 @@ def main() -> None:
     torch.manual_seed(0)
     settings = {k: getattr(args, k) for k in ("model", "seq_len", "samples", "depths", "ppl_tokens", "calib_samples",
                                               "calib_seq_len", "recover_steps", "profile_seq_len")}
+    if not args.render_only:
+        from seqtool.arch.io import weights_fingerprint
+
+        settings["weights"] = weights_fingerprint(load(args).model)
     cache = Cache(Path(args.cache), settings, check=not args.render_only)
     if not args.render_only:
         from seqtool.arch.registry import kv_cache_bytes_per_token

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -164,12 +163,9 @@ def settings_dict(st: Settings) -> dict:
 
 
 def fingerprint(loaded) -> str:
-    """Changes when the weights change (a retrained ref invalidates cached rows)."""
-    h = hashlib.sha1()
-    for name, p in sorted(loaded.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().flatten()[:4096].numpy().tobytes())
-    return h.hexdigest()[:12]
+    from seqtool.arch.io import weights_fingerprint
+
+    return weights_fingerprint(loaded.model)
 
 
 def load_cache(path: Path) -> dict:

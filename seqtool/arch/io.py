@@ -287,3 +287,15 @@ def validate_checkpoint(path: Path, model: PreTrainedModel | None = None, *, ful
     n_params = sum(math.prod(s) for s in stored.values())
     if n_params <= full_reload_max_params:
         AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype="auto")
+
+
+def weights_fingerprint(model) -> str:
+    """12 hex chars that change when the weights change (names + the first 4096 values of every tensor);
+    benchmark caches use it to drop rows measured on other weights."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
