@@ -70,7 +70,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, candidate, key)
             except BadInputError:
                 continue
-        raise BadInputError(f"option {key}={value!r} has the wrong type")
+        raise BadInputError(f"option {key}={value!r} has the wrong type; see `seqtool patch --help` for its values")
     if origin in (list, tuple):
         inner = args[0] if args else str
         items = [v for v in value.replace(";", ",").replace("+", ",").split(",") if v.strip()]
@@ -92,7 +92,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if annotation is float:
             return float(value)
     except ValueError:
-        raise BadInputError(f"option {key}={value!r} is not a valid {annotation.__name__}") from None
+        hint = {bool: "true or false", int: "a whole number", float: "a number"}.get(annotation, annotation.__name__)
+        raise BadInputError(f"option {key}={value!r} is not a valid {annotation.__name__}; use {hint}") from None
     return value
 
 
