@@ -84,22 +84,27 @@ def test_budget_matches_masked_reference(case):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_prefill_then_decode_matches_full_forward(case):
-    model = tiny()
-    ids = torch.randint(3, 250, (2, 128))
+def check_decode_against_reference(case, model, ids, prompt) -> float:
+    """Prefill ``prompt`` tokens then decode the rest with the cache; the logits must equal the reference
+    (recorded selections, or the full forward for evicting methods). Returns the decode steps' kept fraction."""
     handle = apply_patch(model, case.name, **_opts(case, 0.25))
     with handle.recording() as records:
-        steps, _ = _decode(model, ids, 120, after_prefill=handle.reset_stats)
+        steps, _ = _decode(model, ids, prompt, after_prefill=handle.reset_stats)
     decode_kept = handle.kept_fraction()  # measured against the full causal context, evicted keys included
     if case.decode_reference == "forward":
         with torch.no_grad():
-            ref = model(ids).logits[:, 119:]
+            ref = model(ids).logits[:, prompt - 1:]
         handle.remove()
     else:
         handle.remove()
-        ref = masked_forward(model, ids, stitched_masks(records, 128))[:, 119:]
+        ref = masked_forward(model, ids, stitched_masks(records, ids.shape[1]))[:, prompt - 1:]
     torch.testing.assert_close(steps, ref, atol=1e-4, rtol=1e-4)
+    return decode_kept
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_prefill_then_decode_matches_full_forward(case):
+    decode_kept = check_decode_against_reference(case, tiny(), torch.randint(3, 250, (2, 128)), 120)
     if case.sparse_decode:
         assert decode_kept < 0.75, f"{case.name} decode kept {decode_kept:.2f}"
 
@@ -130,16 +135,4 @@ PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"
 def test_every_family_prefill_and_decode(case, preset):
     """Every method on every registry family (MHA and GQA, fused qkv for phi3): prefill then cached decode
     equal the reference (recorded selections, or the full forward for evicting methods)."""
-    model = tiny(preset)
-    ids = torch.randint(3, 250, (2, 100))
-    handle = apply_patch(model, case.name, **_opts(case, 0.25))
-    with handle.recording() as records:
-        steps, _ = _decode(model, ids, 94)
-    if case.decode_reference == "forward":
-        with torch.no_grad():
-            ref = model(ids).logits[:, 93:]
-        handle.remove()
-    else:
-        handle.remove()
-        ref = masked_forward(model, ids, stitched_masks(records, 100))[:, 93:]
-    torch.testing.assert_close(steps, ref, atol=1e-4, rtol=1e-4)
+    check_decode_against_reference(case, tiny(preset), torch.randint(3, 250, (2, 100)), 94)
