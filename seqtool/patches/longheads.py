@@ -17,8 +17,9 @@ or ``trained_len``) however long the input. RoPE is already applied to the keys 
 rotations compose, so each selected chunk's keys are rotated by its shift (packed start - original start) for
 that query block (``kernels.block_sparse_attn(block_shift=...)``); chunks already contiguous with the query
 block keep shift 0, so a full budget is exactly dense attention. ``reencode=false`` keeps the original positions.
-The model's RoPE frequencies are read from its rotary module when the patch is applied (models without RoPE
-need ``reencode=false``). Prefill and decode run ``kernels.block_sparse_attn`` (:class:`BlockSelection`, per
+The model's RoPE frequencies are read from its rotary module when the patch is applied (``prepare``, called by
+``apply_patch``; a method object used on bare tensors without it keeps the original positions; models without
+RoPE need ``reencode=false``). Prefill and decode run ``kernels.block_sparse_attn`` (:class:`BlockSelection`, per
 query head).
 """
 from __future__ import annotations
