@@ -184,3 +184,12 @@ def test_streaming_chunks_after_eviction_equal_a_full_forward():
             assert max(layer.keys.shape[2] for layer in cache.layers) <= 16 + 48 + n
         assert cache.layers[0].evicted_tokens > 0
     torch.testing.assert_close(torch.cat(outs, 1), ref[:, :t], atol=1e-4, rtol=1e-4)
+
+
+def test_vertical_slash_block_default_follows_length():
+    from seqtool.patches.runtime import build_method
+
+    default = build_method("vertical_slash", {})
+    assert default.block_for(2048) == 64 and default.block_for(16384) == 128
+    fixed = build_method("vertical_slash", {"block": "32"})
+    assert fixed.block == 32 and fixed.block_for(16384) == 32
