@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .._common import cdiv
+from .._common import cdiv, rope_rotate
+from ..merge import merge_attn_states
 
 
 _CHUNK_ELEMS = 1 << 19  # per-step gathered keys (2 MB fp32), one thread: scores of a step stay in L2
@@ -96,24 +97,24 @@ def _softmax_av(ws, qb, kg, vg, bias_fn=None):
     return torch.bmm(sc, vg), sc.sum(-1), m
 
 
-def _store(out_rows, lse_rows, rows, o, l, m):
+def _normalise(o, l, m):
+    """Unnormalised partial (o (n, bq, D), l, m) -> (out, lse); rows that saw no key give 0 / -inf."""
     seen = l > 0
     l1 = torch.where(seen, l, torch.ones_like(l))
-    out_rows.index_copy_(0, rows, o.div_(l1[..., None]))
-    lse_rows.index_copy_(0, rows, torch.where(seen, m + torch.log(l1), torch.full_like(m, _NEG)))
+    return o.div_(l1[..., None]), torch.where(seen, m + torch.log(l1), torch.full_like(m, _NEG))
+
+
+def _store(out_rows, lse_rows, rows, o, l, m):
+    out, lse = _normalise(o, l, m)
+    out_rows.index_copy_(0, rows, out)
+    lse_rows.index_copy_(0, rows, lse)
 
 
 def _merge_store(out_rows, lse_rows, rows, o, l, m):
-    """Merge an unnormalised partial result (o, l, m) over extra keys into rows already holding (out, lse)."""
-    lse_a = lse_rows.index_select(0, rows)
-    lse_b = torch.where(l > 0, m + torch.log(l), torch.full_like(m, _NEG))
-    new = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    wa = torch.exp(lse_a - safe)  # 0 where the block part saw nothing
-    wb = torch.exp(m - safe)  # o is unnormalised: o / l * exp(lse_b - new) == o * exp(m - new)
-    merged = out_rows.index_select(0, rows).mul_(wa[..., None]).add_(o.mul_(torch.where(l > 0, wb, 0)[..., None]))
-    out_rows.index_copy_(0, rows, merged)
-    lse_rows.index_copy_(0, rows, new)
+    """Merge a partial result (o, l, m) over extra keys into rows already holding (out, lse)."""
+    out, lse = merge_attn_states(out_rows.index_select(0, rows), lse_rows.index_select(0, rows), *_normalise(o, l, m))
+    out_rows.index_copy_(0, rows, out)
+    lse_rows.index_copy_(0, rows, lse)
 
 
 def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block_k, scale, kv_start=None,
@@ -188,9 +189,7 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
                 if shift is not None:
                     kg = _shift_keys(kg, shift_fast[rows, :c], inv_freq)
                 bias = (lambda sc: sc[:, :, -bk:].add_(tri)) if kv_key % 2 else None
-                o, l, m = _softmax_av(ws, qb, kg, vg, bias)
-                out_rows.index_copy_(0, rows, o.div_(l[..., None]))
-                lse_rows.index_copy_(0, rows, m.add_(l.log_()))
+                _store(out_rows, lse_rows, rows, *_softmax_av(ws, qb, kg, vg, bias))
             else:
                 bl = blk[rows, :c]
                 ids = (row_kvh[rows, None] * nkb + bl).reshape(-1)
@@ -215,8 +214,6 @@ def _shift_keys(kg, shift, inv_freq):
         return kg
     n, L, D = kg.shape
     c = shift.shape[1]
-    from .._common import rope_rotate
-
     return rope_rotate(kg.view(n, c, L // c, D), shift[:, :, None], inv_freq).view(n, L, D)
 
 
