@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from seqtool.kernels.block_sparse.reference import masked_attention_reference
 from seqtool.zoo.presets import build_preset
 
 REF_NAME = "seqtool_test_masked_ref"
@@ -16,19 +17,10 @@ def tiny(name: str = "tiny-qwen2"):
 
 
 def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    mask = _MASKS[module.layer_idx]  # (B, Hq, Tq, Tk) bool, or (mask, key shift (B, Hq, Tq, Tk), inv_freq)
-    if isinstance(mask, tuple):  # RoPE re-encoding (LongHeads): every pair's key rotated by its shift
-        from seqtool.kernels.block_sparse.reference import shifted_attention_reference
-
-        mask, shift, inv_freq = mask
-        out, _ = shifted_attention_reference(query, key, value, mask, shift, inv_freq, scaling)
-        return out.transpose(1, 2).contiguous(), None
-    rep = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(rep, 1).double()
-    v = value.repeat_interleave(rep, 1).double()
-    scores = (query.double() @ k.transpose(-1, -2)) * scaling
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
-    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+    entry = _MASKS[module.layer_idx]  # (B, Hq, Tq, Tk) bool, or (mask, key shift (B, Hq, Tq, Tk), inv_freq)
+    mask, shift, inv_freq = entry if isinstance(entry, tuple) else (entry, None, None)
+    out, _ = masked_attention_reference(query, key, value, mask, scaling, shift, inv_freq)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(REF_NAME, _masked_attention)

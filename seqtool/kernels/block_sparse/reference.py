@@ -35,14 +35,22 @@ def sparse_token_mask(
     return tok
 
 
-def masked_attention_reference(q, k, v, mask, scale):
+def masked_attention_reference(q, k, v, mask, scale, shift=None, inv_freq=None):
     """Softmax attention of q (B,Hq,Tq,D) over k/v (B,Hkv,Tk,D) restricted to mask (B,Hq,Tq,Tk), in fp64.
 
-    Rows with no visible key return out = 0, lse = -inf. Returns (out in q.dtype, lse fp32).
+    With ``shift`` (B,Hq,Tq,Tk) and ``inv_freq``, every (query, key) pair's key is first RoPE-moved by its
+    shift (re-encoded positions). Rows with no visible key return out = 0, lse = -inf.
+    Returns (out in q.dtype, lse fp32).
     """
     g = q.shape[1] // k.shape[1]
     qd, kd, vd = q.double().cpu(), k.double().cpu().repeat_interleave(g, 1), v.double().cpu().repeat_interleave(g, 1)
-    s = (qd @ kd.transpose(-1, -2)) * scale
+    if shift is None:
+        s = (qd @ kd.transpose(-1, -2)) * scale
+    else:
+        from .._common import rope_rotate
+
+        kq = rope_rotate(kd[:, :, None].expand(-1, -1, q.shape[2], -1, -1), shift, inv_freq.cpu())  # (B,H,Tq,Tk,D)
+        s = torch.einsum("bhqd,bhqkd->bhqk", qd, kq) * scale
     s = s.masked_fill(~mask.cpu(), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
@@ -59,11 +67,10 @@ def block_sparse_attn_reference(q, k, v, block_index, block_count, *, block_q=64
                              block_k=block_k, kv_start=kv_start,
                              column_index=None if column_index is None else column_index.cpu(),
                              column_count=None if column_count is None else column_count.cpu())
-    if block_shift is None:
-        return masked_attention_reference(q, k, v, mask, scale)
-    shift = token_shift(q.shape[2], k.shape[2], block_index.cpu(), block_count.cpu(), block_shift.cpu(),
-                        block_q=block_q, block_k=block_k)
-    return shifted_attention_reference(q, k, v, mask, shift, rope_inv_freq, scale)
+    shift = None if block_shift is None else token_shift(
+        q.shape[2], k.shape[2], block_index.cpu(), block_count.cpu(), block_shift.cpu(), block_q=block_q,
+        block_k=block_k)
+    return masked_attention_reference(q, k, v, mask, scale, shift, rope_inv_freq)
 
 
 def token_shift(Tq, Tk, block_index, block_count, block_shift, *, block_q, block_k) -> torch.Tensor:
@@ -78,21 +85,6 @@ def token_shift(Tq, Tk, block_index, block_count, block_shift, *, block_q, block
                     blk = int(block_index[b, h, j, s])
                     out[b, h, rows, blk * block_k:min((blk + 1) * block_k, Tk)] = int(block_shift[b, h, j, s])
     return out
-
-
-def shifted_attention_reference(q, k, v, mask, shift, inv_freq, scale):
-    """masked_attention_reference with every (query, key) pair's key re-encoded by ``shift`` (B,Hq,Tq,Tk)."""
-    from .._common import rope_rotate
-
-    g = q.shape[1] // k.shape[1]
-    qd = q.double().cpu()
-    kd, vd = k.double().cpu().repeat_interleave(g, 1), v.double().cpu().repeat_interleave(g, 1)
-    kq = rope_rotate(kd[:, :, None].expand(-1, -1, q.shape[2], -1, -1), shift, inv_freq.cpu())  # (B,H,Tq,Tk,D)
-    s = torch.einsum("bhqd,bhqkd->bhqk", qd, kq) * scale
-    s = s.masked_fill(~mask.cpu(), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    return (p @ vd).to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
 def vertical_slash_mask(Tq, Tk, vertical_index, slash_index, *, block_q, block_k, kv_start=None):
