@@ -129,13 +129,7 @@ class BlockSelection(Selection):
         only; None without re-encoding)."""
         if self.block_shift is None:
             return None
-        nk = -(-self.tk // self.block_k)
-        b, h, nq, _ = self.block_index.shape
-        per_block = torch.zeros(b, h, nq, nk + 1, dtype=torch.long, device=self.block_index.device)
-        idx = torch.where(self._valid(), self.block_index.long(), nk)
-        per_block.scatter_(-1, idx, torch.where(self._valid(), self.block_shift.long(), 0))
-        dense = per_block[..., :nk].repeat_interleave(self.block_q, 2)[:, :, : self.tq]
-        return dense.repeat_interleave(self.block_k, 3)[..., : self.tk]
+        return self._to_tokens(self._per_block(self.block_shift.long()))
 
     def _valid(self) -> torch.Tensor:
         slots = torch.arange(self.block_index.shape[-1], device=self.block_index.device)
@@ -148,18 +142,26 @@ class BlockSelection(Selection):
         per = counts[torch.arange(nq, device=idx.device)[None, None, :, None], idx]  # (B, H, nq, m)
         return (per * self._valid()).sum((-1, -2)).float()
 
-    def block_mask(self) -> torch.Tensor:
-        """``(B, Hq, nq, nk)`` bool: which key blocks each query block computes."""
+    def _per_block(self, values: torch.Tensor) -> torch.Tensor:
+        """Listed slots' ``values`` ``(B, Hq, nq, max_k)`` placed at their key block: ``(B, Hq, nq, nk)``, 0 elsewhere."""
         b, h, nq, _ = self.block_index.shape
         nk = -(-self.tk // self.block_k)
-        out = torch.zeros(b, h, nq, nk + 1, dtype=torch.bool, device=self.block_index.device)
-        idx = torch.where(self._valid(), self.block_index.long(), nk)
-        out.scatter_(-1, idx, True)
+        out = torch.zeros(b, h, nq, nk + 1, dtype=values.dtype, device=self.block_index.device)
+        valid = self._valid()
+        out.scatter_(-1, torch.where(valid, self.block_index.long(), nk), values * valid)
         return out[..., :nk]
 
+    def _to_tokens(self, per_block: torch.Tensor) -> torch.Tensor:
+        """``(B, Hq, nq, nk)`` → ``(B, Hq, Tq, Tk)`` (each block entry repeated over its queries and keys)."""
+        dense = per_block.repeat_interleave(self.block_q, 2)[:, :, : self.tq]
+        return dense.repeat_interleave(self.block_k, 3)[..., : self.tk]
+
+    def block_mask(self) -> torch.Tensor:
+        """``(B, Hq, nq, nk)`` bool: which key blocks each query block computes."""
+        return self._per_block(torch.ones_like(self.block_index, dtype=torch.bool))
+
     def mask(self):
-        bm = self.block_mask()
-        dense = bm.repeat_interleave(self.block_q, 2)[:, :, : self.tq].repeat_interleave(self.block_k, 3)[..., : self.tk]
+        dense = self._to_tokens(self.block_mask())
         return dense & self._causal(dense.device)
 
 
