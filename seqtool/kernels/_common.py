@@ -111,3 +111,18 @@ def rope_rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) ->
     out[..., :half] = x1 * cos - x2 * sin
     out[..., half:2 * half] = x2 * cos + x1 * sin
     return out
+
+
+class Workspace:
+    """Reused flat buffers: on CPU a fresh multi-MB allocation page-faults on every step and costs more than
+    the math. ``get`` returns a view of at least the requested size, valid until the next ``get`` of the name."""
+
+    def __init__(self, device):
+        self.device, self.bufs = device, {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[(name, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)

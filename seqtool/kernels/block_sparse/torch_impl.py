@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import cdiv, rope_rotate
+from .._common import Workspace, cdiv, rope_rotate
 from ..merge import merge_attn_states
 
 
@@ -55,22 +55,6 @@ def _rows_fp32(x: torch.Tensor, T: int, scale: float | None = None) -> torch.Ten
     if T > t:
         out[:, :, t:].zero_()
     return out
-
-
-class _Workspace:
-    """Reused flat buffers: fresh large allocations page-fault on every step and cost more than the math."""
-
-    def __init__(self, device):
-        self.device, self.bufs = device, {}
-
-    def get(self, name: str, shape: tuple) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.bufs[name] = torch.empty(n, device=self.device)
-        return buf[:n].view(shape)
 
 
 def _gather_kv(ws, kf2, vf2, ids, n, L, D):
@@ -145,7 +129,7 @@ def block_sparse_attn_torch(q, k, v, block_index, block_count, *, block_q, block
     kvs = torch.zeros(B, dtype=torch.long, device=dev) if kv_start is None else kv_start.long()
     row_kvs = kvs[row_b]
 
-    ws = _Workspace(dev)
+    ws = Workspace(dev)
     chunk = _chunk_elems()
     out_rows = torch.zeros(R, bq, D, device=dev)
     lse_rows = torch.full((R, bq), _NEG, device=dev)

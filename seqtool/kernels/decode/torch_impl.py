@@ -6,7 +6,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .._common import cdiv
+from .._common import Workspace, cdiv
 
 
 def decode_attn_torch(q, k, v, *, page_index=None, page_count=None, page_size=64, scale, kv_start=None,
@@ -62,18 +62,13 @@ def decode_attn_torch(q, k, v, *, page_index=None, page_count=None, page_size=64
 _local = threading.local()
 
 
-def _buffer(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread buffer reused across decode steps: a fresh multi-MB allocation page-faults on every step,
-    which on CPU costs several times the copy itself. Holds at most the largest gathered pages seen."""
-    bufs = _local.__dict__.setdefault("bufs", {})
-    n = 1
-    for s in shape:
-        n *= s
-    key = (name, dtype, device)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n:
-        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n].view(shape)
+def _workspace(device: torch.device) -> Workspace:
+    """A per-thread workspace per device, kept across decode steps (it holds at most the largest gathered
+    pages seen)."""
+    spaces = _local.__dict__.setdefault("spaces", {})
+    if device not in spaces:
+        spaces[device] = Workspace(device)
+    return spaces[device]
 
 
 def _gather_pages(x: torch.Tensor, flat: torch.Tensor, npg: int, page_size: int, name: str) -> torch.Tensor:
@@ -94,12 +89,12 @@ def _gather_pages(x: torch.Tensor, flat: torch.Tensor, npg: int, page_size: int,
     rows = x.as_strided((n_tok - page_size + 1, page_size * D), (D, 1))
     start = (bh * Tk + pid * page_size).clamp(max=n_tok - page_size)
     shape = (flat.numel(), page_size * D)
-    out = torch.index_select(rows, 0, start, out=_buffer(name, shape, x.dtype, x.device))
+    out = torch.index_select(rows, 0, start, out=_workspace(x.device).get(name, shape, x.dtype))
     if pad:
         last = ((pid == npg - 1) & (bh == B * Hkv - 1)).nonzero().squeeze(1)  # would run past the storage
         if last.numel():
             tail = F.pad(x[-1, -1, (npg - 1) * page_size:], (0, 0, 0, pad)).reshape(1, page_size * D)
             out[last] = tail.expand(last.numel(), -1)
     if out.dtype != torch.float32:
-        out = _buffer(name + "32", shape, torch.float32, x.device).copy_(out)
+        out = _workspace(x.device).get(name + "32", shape).copy_(out)
     return out
