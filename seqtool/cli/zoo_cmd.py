@@ -27,18 +27,21 @@ def register(app: typer.Typer) -> None:
         tiny: Annotated[bool, typer.Option("--tiny", help="Seconds-long configuration (CI smoke test).")] = False,
         max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps in this call.")] = None,
         export: Annotated[str | None, typer.Option("--export", help="After training, export the checkpoint (bf16 HF dir) here.")] = None,
-        init_from: Annotated[str | None, typer.Option("--init-from", help="Stage 2: retrieval-heavy training at 2048 tokens starting from this stage-1 export.", show_default=False)] = None,
+        init_from: Annotated[str | None, typer.Option("--init-from", help="Train a later stage starting from this exported model (see --stage).", show_default=False)] = None,
+        stage: Annotated[str, typer.Option("--stage", help="With --init-from: 'retrieval' (stage 2, from the stage-1 export) or 'multikey' (stage 3, from the stage-2 export).")] = "retrieval",
         json_out: JsonOpt = False,
     ) -> None:
         """Train the reference model from the stdlib sources plus synthetic retrieval samples (CPU, resumable).
 
         Examples:
           seqtool zoo train-ref --run-dir runs/ref --export seqtool/zoo/ref
-          seqtool zoo train-ref --run-dir runs/ref-s2 --init-from runs/ref-s1-export --export seqtool/zoo/ref
+          seqtool zoo train-ref --run-dir runs/ref-s2 --init-from runs/ref-s1-export --export runs/ref-s2-export
+          seqtool zoo train-ref --run-dir runs/ref-s3 --init-from runs/ref-s2-export --stage multikey --export seqtool/zoo/ref
           seqtool zoo train-ref --run-dir /tmp/ci --tiny --max-steps 2
         """
         from seqtool.zoo.train_ref import run
 
-        emit(run(run_dir, tiny=tiny, max_steps=max_steps, export_dir=export, init_from=init_from), json_out, render)
+        emit(run(run_dir, tiny=tiny, max_steps=max_steps, export_dir=export, init_from=init_from,
+                 stage=stage), json_out, render)
 
     app.add_typer(zoo_app, name="zoo")

@@ -49,7 +49,8 @@ _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class TaskSample:
     """One prompt. ``input_ids`` has exactly ``seq_len`` tokens (bos first); ``answer`` is the exact
     expected text; ``answer_ids`` encodes ``" " + answer`` (what follows the prompt); ``needle_pos`` is the
-    token index where the queried needle starts; ``depth`` is its realised relative position in the haystack."""
+    token index where the queried needle starts; ``depth`` is its realised relative position in the haystack.
+    ``meta["needles"]`` lists the (key, value) pairs of passkey / NIAH needles, the queried one first."""
 
     task: str
     seq_len: int
@@ -140,6 +141,7 @@ def make_sample(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, dept
         prefix, question, answer = PASSKEY_PREFIX, PASSKEY_QUESTION, key
         target = [PASSKEY_NEEDLE.format(key=key)]
         others: list[str] = []
+        needles = [("pass key", key)]
     elif task in ("niah", "multikey"):
         n_dis = NIAH_DISTRACTORS if task == "niah" else MULTIKEY_DISTRACTORS
         n_dis = n_dis if distractors is None else distractors
@@ -149,6 +151,7 @@ def make_sample(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, dept
         question = NIAH_QUESTION.format(key=keys[0])
         target = [NIAH_NEEDLE.format(key=keys[0], value=values[0])]
         others = [NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys[1:], values[1:])]
+        needles = list(zip(keys, values))
     else:
         names = [_draw(rng, _varname, split, used) for _ in range(2 * (VT_HOPS + 1))]
         value, other_value = _draw(rng, _digits(5), split, used), _draw(rng, _digits(5), split, used)
@@ -161,6 +164,7 @@ def make_sample(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, dept
             VT_NEXT.format(name=n, prev=p) for p, n in zip(dchain, dchain[1:])]
         if distractors == 0:
             others = []
+        needles = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     p_ids, q_ids = enc(prefix), enc(question)
     t_ids, o_ids = [enc(t) for t in target], [enc(o) for o in others]
@@ -202,7 +206,8 @@ def make_sample(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, dept
     ids = bos + p_ids + hay + q_ids
     assert len(ids) == seq_len, (len(ids), seq_len)
     return TaskSample(task=task, seq_len=seq_len, depth=tpos[0] / n_fill, input_ids=ids, answer=answer,
-                      answer_ids=enc(" " + answer), needle_pos=needle_pos, meta={"requested_depth": depth})
+                      answer_ids=enc(" " + answer), needle_pos=needle_pos,
+                      meta={"requested_depth": depth, "needles": needles})
 
 
 def make_samples(task: str, tokenizer, filler_ids: np.ndarray, seq_len: int, depths: Sequence[float],

@@ -55,9 +55,46 @@ def _eval_section(ev: dict | None) -> str:
 def _stage_line(cfg) -> str:
     if not cfg.init_from:
         return ""
-    return (f"Trained in two stages: stage 1 (language + first retrieval, see the run notes) was exported, and this\n"
-            f"checkpoint is stage 2, `seqtool zoo train-ref --init-from <stage-1 export>` (retrieval-heavy mix at\n"
-            f"2048 tokens); the curriculum, mix and loss curve below are stage 2's.")
+    if cfg.attn_supervision:
+        return ("Trained in three stages, each exported and used as the next one's start: stage 1 (language + first\n"
+                "retrieval), stage 2 (`--init-from <stage-1 export>`, retrieval-heavy mix at 2048 tokens) and this\n"
+                "checkpoint, stage 3 (`--init-from <stage-2 export> --stage multikey`, key-matched retrieval); see\n"
+                "the run notes. The curriculum, mix and loss curve below are stage 3's.")
+    return ("Trained in two stages: stage 1 (language + first retrieval, see the run notes) was exported, and this\n"
+            "checkpoint is stage 2, `seqtool zoo train-ref --init-from <stage-1 export>` (retrieval-heavy mix at\n"
+            "2048 tokens); the curriculum, mix and loss curve below are stage 2's.")
+
+
+_LOSS_COLUMNS = (("loss_lm", "LM loss (text + copies)"), ("loss_induction", "induction-copy loss"),
+                 ("loss_answer", "answer loss"), ("loss_attn", "attention-supervision loss"),
+                 ("loss_attn_mass", "supervised head's attention on its targets"))
+
+
+def _loss_table(history: list[dict]) -> list[str]:
+    """Markdown rows of the loss curve; only the loss columns this run logged."""
+    cols = [(k, name) for k, name in _LOSS_COLUMNS if any(k in h for h in history)]
+    rows = ["| step | seq_len x batch | lr | " + " | ".join(name for _, name in cols) + " |",
+            "|---|---|---|" + "---|" * len(cols)]
+    for h in _loss_rows(history):
+        rows.append(f"| {h['step']} | {h['seq_len']}x{h['batch']} | {h['lr']:.2e} | "
+                    + " | ".join(f"{h.get(k, float('nan')):.3f}" for k, _ in cols) + " |")
+    return rows
+
+
+def _extra_data(cfg) -> str:
+    """Bullets for the row kinds and losses beyond text and task prompts that ``cfg`` uses."""
+    kinds = {k for ph in cfg.phases for k, w in (ph[3] if len(ph) > 3 else cfg.mix).items() if w > 0}
+    out = ""
+    if "induction" in kinds:
+        out += "- Random token strings repeated twice, loss on the second copy only (grows induction heads).\n"
+    if "multiquery" in kinds:
+        out += ("- Multi-query rows: a multi-key NIAH haystack followed by questions about several of its needles,\n"
+                "  each answered (answer loss on every answer).\n")
+    if cfg.attn_supervision:
+        layer, head, weight = cfg.attn_supervision
+        out += (f"- Attention supervision (weight {weight:g}): layer {layer}, head {head} is trained to attend, at each\n"
+                f"  position predicting an answer token, to the needle token that answer token copies.\n")
+    return out
 
 
 def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results: dict | None,
@@ -67,11 +104,7 @@ def write_card(out_dir: Path, cfg, history: list[dict], step: int, eval_results:
 
     info = corpus_info()
     tokens = history[-1]["tokens"] if history else 0
-    rows = ["| step | seq_len x batch | lr | LM loss (text + copies) | induction-copy loss | answer loss |",
-            "|---|---|---|---|---|---|"]
-    for h in _loss_rows(history):
-        rows.append(f"| {h['step']} | {h['seq_len']}x{h['batch']} | {h['lr']:.2e} | {h.get('loss_lm', float('nan')):.3f} "
-                    f"| {h.get('loss_induction', float('nan')):.3f} | {h.get('loss_answer', float('nan')):.3f} |")
+    rows = _loss_table(history)
     evals = [h for h in history if h.get("eval")]
     ev_rows = "\n".join(f"- step {h['step']}: " + ", ".join(f"{k}={v:.2f}" for k, v in h["eval"].items()) for h in evals)
     cfg_d = asdict(cfg)
@@ -92,15 +125,14 @@ that really retrieves; it is not a useful language model.
 - Synthetic samples built by `seqtool.eval.tasks` with the *train* key space (keys whose hash bucket is
   not the eval bucket) and train-split filler: passkey, NIAH, multi-key NIAH, variable tracking. The answer
   tokens have their own loss term (mean over answer tokens, added to the LM loss).
-- Random token strings repeated twice, loss on the second copy only (grows induction heads).
-- Sampling mix: {cfg_d['mix']}.
+{_extra_data(cfg)}- Sampling mix: {cfg_d['mix']}.
 - Evaluation prompts use held-out filler, the disjoint eval key space and their own seeds.
 
 ## Training
 - Curriculum (steps, seq_len, batch): {cfg_d['phases']}; AdamW lr {cfg.lr:g} (warmup {cfg.warmup},
   cosine to {cfg.min_lr_frac:g}x), weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, bf16 autocast,
   seed {cfg.seed}.
-- This checkpoint: step **{step}** of {cfg.total_steps}{" of stage 2" if cfg.init_from else ""}, {tokens:,} training tokens{" in stage 2" if cfg.init_from else ""}.
+- This checkpoint: step **{step}** of {cfg.total_steps}{" of this stage" if cfg.init_from else ""}, {tokens:,} training tokens{" in this stage" if cfg.init_from else ""}.
 
 {("### Run notes" + chr(10) + notes.strip() + chr(10)) if notes else ""}
 ### Loss curve

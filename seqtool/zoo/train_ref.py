@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from seqtool.errors import BadInputError
 from seqtool.eval.generate import greedy_generate
-from seqtool.eval.tasks import TASKS, make_sample
+from seqtool.eval.tasks import NIAH_QUESTION, TASKS, make_sample
 from seqtool.zoo import corpus
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
-KINDS = ("text", "induction") + TASKS
+KINDS = ("text", "induction", "multiquery") + TASKS
 
 
 @dataclass
@@ -79,6 +79,9 @@ class TrainConfig:
     # Stage 2: start from an exported model dir (its weights and tokenizer) instead of a fresh init.
     init_from: str | None = None
     induction_vocab: int = 1024  # induction rows draw their tokens from this many most frequent tokens
+    # [layer, head, weight]: auxiliary loss making that head attend, at each answer position, to the needle token
+    # the answer copies (see attn_supervision.py); None: off.
+    attn_supervision: list | None = None
 
     @classmethod
     def retrieval_stage(cls, init_from: str) -> "TrainConfig":
@@ -92,6 +95,22 @@ class TrainConfig:
         mix = {"text": 0.25, "induction": 0.1, "passkey": 0.25, "niah": 0.1, "multikey": 0.2, "vt": 0.1}
         return cls(init_from=init_from, phases=[[150, 1024, 8, mix], [1800, 2048, 4, mix]], lr=1e-3,
                    min_lr_frac=0.1, warmup=30, weight_decay=0.1, mix=mix, induction_vocab=256, threads=1)
+
+    @classmethod
+    def multikey_stage(cls, init_from: str) -> "TrainConfig":
+        """Stage 3: key-matched retrieval (multi-key NIAH) from the stage-2 export.
+
+        Most rows are ``multiquery`` rows: a multi-key haystack followed by questions about several of its
+        needles, each answered (one supervised key match per answer instead of one per prompt). Layer 3,
+        head 3 (the head that already carries stage 2's passkey copy: the most attention on the copied needle
+        token of the 8 heads in that layer) gets the attention-supervision loss. A short phase at 768 tokens,
+        then 2048.
+        """
+        short = {"text": 0.2, "passkey": 0.15, "niah": 0.1, "multiquery": 0.55}
+        long = {"text": 0.25, "passkey": 0.15, "niah": 0.1, "multikey": 0.1, "multiquery": 0.4}
+        return cls(init_from=init_from, phases=[[600, 768, 16, short], [300, 2048, 6, long]], lr=1e-3,
+                   min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
+                   attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -200,6 +219,55 @@ def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.rand
     return None
 
 
+def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
+    """First index >= ``start`` where ``sub`` occurs in ``seq`` (-1 if none)."""
+    n = len(sub)
+    for i in range(max(0, start), len(seq) - n + 1):
+        if seq[i:i + n] == sub:
+            return i
+    return -1
+
+
+def _copy_pairs(ids: list[int], needle_pos: int, answer_ids: list[int], answer_start: int) -> list[tuple[int, int]]:
+    """(query, key) positions: the position predicting answer token j (``answer_start + j - 1``) and the needle
+    token it copies (the answer's tokens as they occur in the needle from ``needle_pos``). [] if not found."""
+    src = _find(ids, answer_ids, needle_pos)
+    if src < 0:
+        return []
+    return [(answer_start + j - 1, src + j) for j in range(len(answer_ids))]
+
+
+def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator):
+    """A multi-key NIAH prompt followed by questions about several of its needles, each answered.
+
+    Returns (ids, kinds, copies) with kinds 1 (LM) / 2 (answer) per token and ``copies`` the (query, key)
+    positions of every answer token (see ``_copy_pairs``); None if no prompt fits ``length``.
+    """
+    plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
+    s = _train_sample("multikey", tok, train_ids, plen, rng)
+    if s is None or not s.meta["needles"]:
+        return None
+    enc = lambda text: list(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    ids, copies = list(s.input_ids), []
+    kinds = [0] + [1] * (len(ids) - 1)
+    needles = s.meta["needles"]
+    order = [0] + [int(i) + 1 for i in rng.permutation(len(needles) - 1)]
+    for n, i in enumerate(order):
+        key, value = needles[i]
+        question = enc(NIAH_QUESTION.format(key=key)) if n else []
+        answer = enc(" " + value)
+        if len(ids) + len(question) + len(answer) + 1 > length:
+            break
+        ids += question
+        kinds += [1] * len(question)
+        copies += _copy_pairs(ids, 0, answer, len(ids))
+        ids += answer
+        kinds += [2] * len(answer)
+    ids.append(tok.eos_token_id)
+    kinds.append(2)
+    return ids, kinds, copies
+
+
 _FREQ: dict[tuple, np.ndarray] = {}
 
 
@@ -248,8 +316,16 @@ def _induction_row(ids: np.ndarray, tgt: np.ndarray, rng: np.random.Generator, v
     return copies
 
 
+def _text_row(ids: np.ndarray, tgt: np.ndarray, train_ids: np.ndarray, rng: np.random.Generator, bos: int) -> None:
+    off = int(rng.integers(0, len(train_ids) - len(ids)))
+    ids[0] = bos
+    ids[1:] = train_ids[off:off + len(ids) - 1]
+    tgt[1:] = 1
+
+
 def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
-    """Batch of step ``step``: ids (B, L) and target kinds (B, L): 0 none, 1 LM, 2 answer, 3 induction copy."""
+    """Batch of step ``step``: ids (B, L), target kinds (B, L): 0 none, 1 LM, 2 answer, 3 induction copy, and
+    copies (n, 3): (row, position predicting an answer token, needle token that answer token copies)."""
     length, bsz = cfg.phase_at(step)
     rng = np.random.default_rng([cfg.seed, 7919, step])
     mix = cfg.mix_at(step)
@@ -258,35 +334,42 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
     probs /= probs.sum()
     ids = np.full((bsz, length), tok.pad_token_id, dtype=np.int64)
     tgt = np.zeros((bsz, length), dtype=np.int64)
+    copies: list[tuple[int, int, int]] = []
     bos = tok.bos_token_id
     for b in range(bsz):
         kind = kinds[int(rng.choice(len(kinds), p=probs))]
         if kind == "text":
-            off = int(rng.integers(0, len(train_ids) - length))
-            ids[b, 0] = bos
-            ids[b, 1:] = train_ids[off:off + length - 1]
-            tgt[b, 1:] = 1
+            _text_row(ids[b], tgt[b], train_ids, rng, bos)
         elif kind == "induction":
             _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
+        elif kind == "multiquery":
+            row = _multiquery_row(tok, train_ids, length, rng)
+            if row is None:
+                _text_row(ids[b], tgt[b], train_ids, rng, bos)
+                continue
+            ids[b, :len(row[0])], tgt[b, :len(row[1])] = row[0], row[1]
+            copies += [(b, q, k) for q, k in row[2]]
         else:
             plen = int(rng.integers(96 if length <= 256 else length // 4, length - 24 + 1))
             s = _train_sample(kind, tok, train_ids, plen, rng)
             if s is None:  # too short even without distractors: use text instead
-                off = int(rng.integers(0, len(train_ids) - length))
-                ids[b, 0] = bos
-                ids[b, 1:] = train_ids[off:off + length - 1]
-                tgt[b, 1:] = 1
+                _text_row(ids[b], tgt[b], train_ids, rng, bos)
                 continue
             seq = s.input_ids + s.answer_ids + [tok.eos_token_id]
             seq = seq[:length]
             ids[b, :len(seq)] = seq
             tgt[b, 1:plen] = 1
             tgt[b, plen:len(seq)] = 2
-    return torch.from_numpy(ids), torch.from_numpy(tgt)
+            if kind != "vt":
+                copies += [(b, q, k) for q, k in _copy_pairs(s.input_ids, s.needle_pos, s.answer_ids, plen)
+                           if q < length]
+    return torch.from_numpy(ids), torch.from_numpy(tgt), torch.tensor(copies, dtype=torch.long).view(-1, 3)
 
 
-def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: float):
-    """LM loss (mean over kind-1 and kind-3 targets) + ``answer_weight`` * answer loss (mean over kind-2 targets).
+def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: float, probe=None,
+                 copies: torch.Tensor | None = None, attn_weight: float = 0.0):
+    """LM loss (mean over kind-1 and kind-3 targets) + ``answer_weight`` * answer loss (mean over kind-2 targets)
+    [+ ``attn_weight`` * attention-supervision loss: mean -log attention of ``probe``'s head on ``copies``].
 
     The induction share of the LM term is also reported on its own (``induction``) to watch copying appear.
     """
@@ -307,6 +390,11 @@ def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: flo
     ind = (kinds == 3).float()
     if ind.sum() > 0:
         losses["induction"] = float(((nll.detach() * ind).sum() / ind.sum()))
+    if probe is not None and copies is not None and len(copies):
+        logp = probe.log_prob(copies)
+        total = total - attn_weight * logp.mean()
+        losses["attn"] = float(-logp.detach().mean())
+        losses["attn_mass"] = float(logp.detach().exp().mean())
     return total, losses
 
 
@@ -385,6 +473,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
         _log(run_dir, f"new run{' from ' + cfg.init_from if cfg.init_from else ''}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                       f"{len(train_ids)} train tokens, {cfg.total_steps} steps")
     model.train()
+    probe, attn_weight = None, 0.0
+    if cfg.attn_supervision:
+        from seqtool.zoo.attn_supervision import HeadAttentionProbe
+
+        layer, head, attn_weight = cfg.attn_supervision
+        probe = HeadAttentionProbe(model, int(layer), int(head))
     t0 = time.time()
     last_ckpt = time.time()
     done_here = 0
@@ -395,10 +489,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
         length, bsz = cfg.phase_at(step)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        ids, tgt = make_batch(cfg, step, tok, train_ids)
+        ids, tgt, copies = make_batch(cfg, step, tok, train_ids)
         ts = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = compute_loss(model, ids, tgt, cfg.answer_loss_weight)
+            loss, parts = compute_loss(model, ids, tgt, cfg.answer_loss_weight, probe, copies, attn_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -419,6 +513,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
             ev = {}
             # multikey needs ~300 tokens (7 distractor needles); below that check single-needle NIAH instead.
             checks = [("passkey", length), ("multikey" if length >= 512 else "niah", length)]
+            if cfg.attn_supervision and length != 512:  # stage 3 also watches its target at a short length
+                checks.append(("multikey", 512))
             if cfg.eval_len != length:
                 checks.append(("passkey", cfg.eval_len))
             for task, n_tok in checks:
@@ -433,6 +529,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
             _save_ckpt(ckpt, model, opt, step, history)
             last_ckpt = time.time()
     _save_ckpt(ckpt, model, opt, step, history)
+    if probe is not None:
+        probe.remove()
     return TrainResult(run_dir=str(run_dir), steps=step, tokens=tokens, seconds=round(time.time() - t0, 1),
                        last_loss=last)
 
@@ -481,21 +579,29 @@ def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | Non
     return out_dir
 
 
-def make_config(tiny: bool = False, init_from: str | None = None) -> TrainConfig:
-    """The stage-1 config (fresh init), the stage-2 retrieval config (``init_from`` a stage-1 export) or tiny."""
+STAGES = ("retrieval", "multikey")
+
+
+def make_config(tiny: bool = False, init_from: str | None = None, stage: str = "retrieval") -> TrainConfig:
+    """The stage-1 config (fresh init), or a later stage started from ``init_from`` (an exported model):
+    ``retrieval`` (stage 2, from the stage-1 export) or ``multikey`` (stage 3, from the stage-2 export); or tiny."""
+    if stage not in STAGES:
+        raise BadInputError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     if init_from is None:
         return TrainConfig.tiny() if tiny else TrainConfig()
-    if tiny:  # the tiny shape cannot load a real stage-1 model
+    if tiny:  # the tiny shape cannot load a real exported model
         raise BadInputError("--tiny and --init-from cannot be combined")
     if not (Path(init_from) / "config.json").exists():
         raise BadInputError(f"--init-from {init_from}: not a model directory (no config.json)")
+    if stage == "multikey":
+        return TrainConfig.multikey_stage(str(init_from))
     return TrainConfig.retrieval_stage(str(init_from))
 
 
 def run(run_dir: str | Path, *, tiny: bool = False, max_steps: int | None = None,
-        export_dir: str | Path | None = None, init_from: str | None = None) -> TrainResult:
+        export_dir: str | Path | None = None, init_from: str | None = None, stage: str = "retrieval") -> TrainResult:
     """Train (resuming if possible) and optionally export: the library call behind ``seqtool zoo train-ref``."""
-    cfg = make_config(tiny, init_from)
+    cfg = make_config(tiny, init_from, stage)
     result = train(cfg, run_dir, max_steps)
     if export_dir is not None:
         result.exported = str(export(run_dir, export_dir))
@@ -511,13 +617,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's 2)")
     p.add_argument("--eval-json", default=None, help="with --export: eval results JSON to put in the model card")
     p.add_argument("--init-from", default=None, metavar="DIR",
-                   help="stage 2: retrieval training starting from this stage-1 export")
+                   help="later stage: training starting from this export (see --stage)")
+    p.add_argument("--stage", default="retrieval", choices=STAGES,
+                   help="with --init-from: retrieval (stage 2, from the stage-1 export) or multikey (stage 3)")
     a = p.parse_args(argv)
     if a.export:
         ev = json.loads(Path(a.eval_json).read_text()) if a.eval_json else None
         print(export(a.run_dir, a.export, eval_results=ev))
         return
-    cfg = make_config(a.tiny, a.init_from)
+    cfg = make_config(a.tiny, a.init_from, a.stage)
     if a.threads:
         cfg.threads = a.threads
     print(json.dumps(asdict(train(cfg, a.run_dir, a.max_steps))))

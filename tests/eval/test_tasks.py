@@ -35,6 +35,18 @@ def test_answer_once_at_depth(task, depth, byte_tok, filler):
     assert 0 < s.needle_pos < len(s.input_ids)
 
 
+@pytest.mark.parametrize("task", ["passkey", "niah", "multikey"])
+def test_needles_listed_queried_first(task, byte_tok, filler):
+    s = make_samples(task, byte_tok, filler, 1500, [0.4], 1, seed=6)[0]
+    text = byte_tok.decode(s.input_ids, skip_special_tokens=True)
+    needles = s.meta["needles"]
+    assert needles[0][1] == s.answer
+    assert len(needles) == {"passkey": 1, "niah": 2, "multikey": 8}[task]
+    template = PASSKEY_NEEDLE if task == "passkey" else NIAH_NEEDLE
+    for key, value in needles[1:]:
+        assert template.format(key=key, value=value) in text
+
+
 def test_vt_chain_order_and_answer(byte_tok, filler):
     s = make_samples("vt", byte_tok, filler, 1500, [0.2], 1, seed=2)[0]
     text = byte_tok.decode(s.input_ids, skip_special_tokens=True)
