@@ -108,7 +108,7 @@ class TrainConfig:
         """
         short = {"text": 0.2, "passkey": 0.15, "niah": 0.1, "multiquery": 0.55}
         long = {"text": 0.25, "passkey": 0.15, "niah": 0.1, "multikey": 0.1, "multiquery": 0.4}
-        return cls(init_from=init_from, phases=[[600, 768, 16, short], [1000, 2048, 6, long]], lr=1e-3,
+        return cls(init_from=init_from, phases=[[600, 768, 16, short], [1800, 2048, 6, long]], lr=1e-3,
                    min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
                    attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 
