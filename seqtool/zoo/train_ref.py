@@ -35,7 +35,8 @@ from seqtool.eval.tasks import NIAH_QUESTION, TASKS, make_sample
 from seqtool.zoo import corpus
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
-KINDS = ("text", "induction", "multiquery") + TASKS
+KINDS = ("text", "induction", "multiquery", "multiquery_many") + TASKS
+MANY_NEEDLES = (8, 16)  # needles per haystack of a ``multiquery_many`` row (``multiquery``: 2-8, as multikey)
 
 
 @dataclass
@@ -108,7 +109,9 @@ class TrainConfig:
         """
         short = {"text": 0.2, "passkey": 0.15, "niah": 0.1, "multiquery": 0.55}
         long = {"text": 0.25, "passkey": 0.15, "niah": 0.1, "multikey": 0.1, "multiquery": 0.4}
-        return cls(init_from=init_from, phases=[[600, 768, 16, short], [1800, 2048, 6, long]], lr=1e-3,
+        many = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.45}
+        return cls(init_from=init_from, phases=[[600, 768, 16, short], [1260, 2048, 6, long],
+                                                [1000, 2048, 6, many]], lr=1e-3,
                    min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
                    attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 
@@ -237,14 +240,32 @@ def _copy_pairs(ids: list[int], needle_pos: int, answer_ids: list[int], answer_s
     return [(answer_start + j - 1, src + j) for j in range(len(answer_ids))]
 
 
-def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator):
-    """A multi-key NIAH prompt followed by questions about several of its needles, each answered.
+def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator):
+    """A train-split multi-key prompt with ``MANY_NEEDLES`` needles (fewer if they do not fit; None if none)."""
+    lo, hi = MANY_NEEDLES
+    n, depth = int(rng.integers(lo, hi + 1)), float(rng.random())
+    for d in range(n - 1, 0, -1):
+        try:
+            return make_sample("multikey", tok, train_ids, plen, depth, rng, split="train", check_unique=False,
+                               distractors=d)
+        except BadInputError:
+            continue
+    return None
+
+
+def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, many: bool = False):
+    """A multi-key NIAH prompt followed by questions about several of its needles, each answered; ``many``:
+    a haystack of ``MANY_NEEDLES`` needles (more questions per row, more look-alike keys).
 
     Returns (ids, kinds, copies) with kinds 1 (LM) / 2 (answer) per token and ``copies`` the (query, key)
     positions of every answer token (see ``_copy_pairs``); None if no prompt fits ``length``.
     """
-    plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
-    s = _train_sample("multikey", tok, train_ids, plen, rng)
+    if many:
+        plen = int(rng.integers(length // 4, length // 2 + 1))
+        s = _many_needle_sample(tok, train_ids, plen, rng)
+    else:
+        plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
+        s = _train_sample("multikey", tok, train_ids, plen, rng)
     if s is None or not s.meta["needles"]:
         return None
     enc = lambda text: list(tok.encode(text, add_special_tokens=False))  # noqa: E731
@@ -342,8 +363,8 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             _text_row(ids[b], tgt[b], train_ids, rng, bos)
         elif kind == "induction":
             _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
-        elif kind == "multiquery":
-            row = _multiquery_row(tok, train_ids, length, rng)
+        elif kind in ("multiquery", "multiquery_many"):
+            row = _multiquery_row(tok, train_ids, length, rng, many=kind == "multiquery_many")
             if row is None:
                 _text_row(ids[b], tgt[b], train_ids, rng, bos)
                 continue
