@@ -35,8 +35,9 @@ from seqtool.eval.tasks import NIAH_QUESTION, TASKS, make_sample
 from seqtool.zoo import corpus
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
-KINDS = ("text", "induction", "multiquery", "multiquery_many") + TASKS
+KINDS = ("text", "induction", "multiquery", "multiquery_many", "multiquery_first") + TASKS
 MANY_NEEDLES = (8, 16)  # needles per haystack of a ``multiquery_many`` row (``multiquery``: 2-8, as multikey)
+# ``multiquery_first``: a ``multiquery_many`` row whose first question is about the haystack's first needle
 
 
 @dataclass
@@ -110,8 +111,10 @@ class TrainConfig:
         short = {"text": 0.2, "passkey": 0.15, "niah": 0.1, "multiquery": 0.55}
         long = {"text": 0.25, "passkey": 0.15, "niah": 0.1, "multikey": 0.1, "multiquery": 0.4}
         many = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.45}
+        edge = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.25,
+                "multiquery_first": 0.2}
         return cls(init_from=init_from, phases=[[600, 768, 16, short], [1260, 2048, 6, long],
-                                                [1000, 2048, 6, many]], lr=1e-3,
+                                                [1000, 2048, 6, many], [400, 2048, 6, edge]], lr=1e-3,
                    min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
                    attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 
@@ -240,10 +243,12 @@ def _copy_pairs(ids: list[int], needle_pos: int, answer_ids: list[int], answer_s
     return [(answer_start + j - 1, src + j) for j in range(len(answer_ids))]
 
 
-def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator):
-    """A train-split multi-key prompt with ``MANY_NEEDLES`` needles (fewer if they do not fit; None if none)."""
+def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator, first: bool = False):
+    """A train-split multi-key prompt with ``MANY_NEEDLES`` needles (fewer if they do not fit; None if none);
+    ``first``: the queried needle opens the haystack (depth 0)."""
     lo, hi = MANY_NEEDLES
     n, depth = int(rng.integers(lo, hi + 1)), float(rng.random())
+    depth = 0.0 if first else depth
     for d in range(n - 1, 0, -1):
         try:
             return make_sample("multikey", tok, train_ids, plen, depth, rng, split="train", check_unique=False,
@@ -253,16 +258,18 @@ def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Ge
     return None
 
 
-def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, many: bool = False):
+def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, many: bool = False,
+                    first: bool = False):
     """A multi-key NIAH prompt followed by questions about several of its needles, each answered; ``many``:
-    a haystack of ``MANY_NEEDLES`` needles (more questions per row, more look-alike keys).
+    a haystack of ``MANY_NEEDLES`` needles (more questions per row, more look-alike keys); ``first`` (with
+    ``many``): the first question is about the needle that opens the haystack.
 
     Returns (ids, kinds, copies) with kinds 1 (LM) / 2 (answer) per token and ``copies`` the (query, key)
     positions of every answer token (see ``_copy_pairs``); None if no prompt fits ``length``.
     """
     if many:
         plen = int(rng.integers(length // 4, length // 2 + 1))
-        s = _many_needle_sample(tok, train_ids, plen, rng)
+        s = _many_needle_sample(tok, train_ids, plen, rng, first)
     else:
         plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
         s = _train_sample("multikey", tok, train_ids, plen, rng)
@@ -363,8 +370,9 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             _text_row(ids[b], tgt[b], train_ids, rng, bos)
         elif kind == "induction":
             _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
-        elif kind in ("multiquery", "multiquery_many"):
-            row = _multiquery_row(tok, train_ids, length, rng, many=kind == "multiquery_many")
+        elif kind.startswith("multiquery"):
+            row = _multiquery_row(tok, train_ids, length, rng, many=kind != "multiquery",
+                                  first=kind == "multiquery_first")
             if row is None:
                 _text_row(ids[b], tgt[b], train_ids, rng, bos)
                 continue
