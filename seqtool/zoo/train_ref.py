@@ -35,9 +35,10 @@ from seqtool.eval.tasks import NIAH_QUESTION, TASKS, make_sample
 from seqtool.zoo import corpus
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
-KINDS = ("text", "induction", "multiquery", "multiquery_many", "multiquery_first") + TASKS
+KINDS = ("text", "induction", "multiquery", "multiquery_many", "multiquery_first", "multiquery_far") + TASKS
 MANY_NEEDLES = (8, 16)  # needles per haystack of a ``multiquery_many`` row (``multiquery``: 2-8, as multikey)
-# ``multiquery_first``: a ``multiquery_many`` row whose first question is about the haystack's first needle
+# ``multiquery_first``: a ``multiquery_many`` row whose first question is about the haystack's first needle;
+# ``multiquery_far``: the same with a prompt filling 7/8 or more of the row (the needle is far back)
 
 
 @dataclass
@@ -113,8 +114,11 @@ class TrainConfig:
         many = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.45}
         edge = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.25,
                 "multiquery_first": 0.2}
+        far = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.2,
+               "multiquery_far": 0.25}
         return cls(init_from=init_from, phases=[[600, 768, 16, short], [1260, 2048, 6, long],
-                                                [1000, 2048, 6, many], [400, 2048, 6, edge]], lr=1e-3,
+                                                [1000, 2048, 6, many], [400, 2048, 6, edge],
+                                                [300, 2048, 6, far]], lr=1e-3,
                    min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
                    attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 
@@ -259,16 +263,18 @@ def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Ge
 
 
 def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, many: bool = False,
-                    first: bool = False):
+                    first: bool = False, far: bool = False):
     """A multi-key NIAH prompt followed by questions about several of its needles, each answered; ``many``:
     a haystack of ``MANY_NEEDLES`` needles (more questions per row, more look-alike keys); ``first`` (with
-    ``many``): the first question is about the needle that opens the haystack.
+    ``many``): the first question is about the needle that opens the haystack; ``far``: the prompt fills
+    7/8 or more of the row.
 
     Returns (ids, kinds, copies) with kinds 1 (LM) / 2 (answer) per token and ``copies`` the (query, key)
     positions of every answer token (see ``_copy_pairs``); None if no prompt fits ``length``.
     """
     if many:
-        plen = int(rng.integers(length // 4, length // 2 + 1))
+        lo, hi = (7 * length // 8, length - 64) if far else (length // 4, length // 2 + 1)
+        plen = int(rng.integers(lo, hi))
         s = _many_needle_sample(tok, train_ids, plen, rng, first)
     else:
         plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
@@ -372,7 +378,7 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
             _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
         elif kind.startswith("multiquery"):
             row = _multiquery_row(tok, train_ids, length, rng, many=kind != "multiquery",
-                                  first=kind == "multiquery_first")
+                                  first=kind in ("multiquery_first", "multiquery_far"), far=kind == "multiquery_far")
             if row is None:
                 _text_row(ids[b], tgt[b], train_ids, rng, bos)
                 continue
