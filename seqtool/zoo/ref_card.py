@@ -87,9 +87,11 @@ def _extra_data(cfg) -> str:
     out = ""
     if "induction" in kinds:
         out += "- Random token strings repeated twice, loss on the second copy only (grows induction heads).\n"
-    if "multiquery" in kinds:
+    if any(k.startswith("multiquery") for k in kinds):
         out += ("- Multi-query rows: a multi-key NIAH haystack followed by questions about several of its needles,\n"
-                "  each answered (answer loss on every answer).\n")
+                "  each answered (answer loss on every answer). `multiquery`: 2-8 needles; `multiquery_many`: 8-16;\n"
+                "  `multiquery_first`: 8-16, the first needle asked first; `multiquery_far`: the same from a prompt\n"
+                "  filling 7/8 of the row or more.\n")
     if cfg.attn_supervision:
         layer, head, weight = cfg.attn_supervision
         out += (f"- Attention supervision (weight {weight:g}): layer {layer}, head {head} is trained to attend, at each\n"
@@ -125,7 +127,7 @@ that really retrieves; it is not a useful language model.
 - Synthetic samples built by `seqtool.eval.tasks` with the *train* key space (keys whose hash bucket is
   not the eval bucket) and train-split filler: passkey, NIAH, multi-key NIAH, variable tracking. The answer
   tokens have their own loss term (mean over answer tokens, added to the LM loss).
-{_extra_data(cfg)}- Sampling mix: {cfg_d['mix']}.
+{_extra_data(cfg)}- Sampling mix{" where a phase sets none" if any(len(ph) > 3 for ph in cfg.phases) else ""}: {cfg_d['mix']}.
 - Evaluation prompts use held-out filler, the disjoint eval key space and their own seeds.
 
 ## Training

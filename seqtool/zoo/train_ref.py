@@ -107,7 +107,9 @@ class TrainConfig:
         needles, each answered (one supervised key match per answer instead of one per prompt). Layer 3,
         head 3 (the head that already carries stage 2's passkey copy: the most attention on the copied needle
         token of the 8 heads in that layer) gets the attention-supervision loss. A short phase at 768 tokens,
-        then 2048.
+        then 2048 with 2-8, then 8-16 needles, then rows asking about the haystack's first needle, near and far.
+        The phases after the first two were added while the shipped run went (see its card): this config is
+        the final recipe, and the shipped checkpoint's lr schedule differs from it where the total grew.
         """
         short = {"text": 0.2, "passkey": 0.15, "niah": 0.1, "multiquery": 0.55}
         long = {"text": 0.25, "passkey": 0.15, "niah": 0.1, "multikey": 0.1, "multiquery": 0.4}
