@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from seqtool.errors import BadInputError
 from seqtool.eval.generate import greedy_generate
-from seqtool.eval.tasks import NIAH_QUESTION, TASKS, make_sample
+from seqtool.eval.tasks import NIAH_QUESTION, TASKS, TaskSample, make_sample
 from seqtool.zoo import corpus
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
@@ -217,18 +217,24 @@ def prepare_data(cfg: TrainConfig, run_dir: Path):
     return tok, streams["train"], streams["heldout"]
 
 
-def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator):
-    """A train-split task prompt of ``plen`` tokens; distractors are reduced until it fits (None if never)."""
-    default = {"niah": 1, "multikey": 7, "vt": 1, "passkey": 0}[kind]
-    n = int(rng.integers(1, default + 1)) if default > 1 else default
-    depth = float(rng.random())
-    for d in range(n, -1, -1):
+def _first_fitting(kind: str, tok, train_ids: np.ndarray, plen: int, depth: float, rng: np.random.Generator,
+                   distractor_counts) -> TaskSample | None:
+    """The train-split ``kind`` prompt of ``plen`` tokens with the first of ``distractor_counts`` that fits."""
+    for d in distractor_counts:
         try:
             return make_sample(kind, tok, train_ids, plen, depth, rng, split="train", check_unique=False,
                                distractors=d)
         except BadInputError:
             continue
     return None
+
+
+def _train_sample(kind: str, tok, train_ids: np.ndarray, plen: int, rng: np.random.Generator):
+    """A train-split task prompt of ``plen`` tokens; distractors are reduced until it fits (None if never)."""
+    default = {"niah": 1, "multikey": 7, "vt": 1, "passkey": 0}[kind]
+    n = int(rng.integers(1, default + 1)) if default > 1 else default
+    depth = float(rng.random())
+    return _first_fitting(kind, tok, train_ids, plen, depth, rng, range(n, -1, -1))
 
 
 def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
@@ -254,30 +260,22 @@ def _many_needle_sample(tok, train_ids: np.ndarray, plen: int, rng: np.random.Ge
     ``first``: the queried needle opens the haystack (depth 0)."""
     lo, hi = MANY_NEEDLES
     n, depth = int(rng.integers(lo, hi + 1)), float(rng.random())
-    depth = 0.0 if first else depth
-    for d in range(n - 1, 0, -1):
-        try:
-            return make_sample("multikey", tok, train_ids, plen, depth, rng, split="train", check_unique=False,
-                               distractors=d)
-        except BadInputError:
-            continue
-    return None
+    return _first_fitting("multikey", tok, train_ids, plen, 0.0 if first else depth, rng, range(n - 1, 0, -1))
 
 
-def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, many: bool = False,
-                    first: bool = False, far: bool = False):
-    """A multi-key NIAH prompt followed by questions about several of its needles, each answered; ``many``:
-    a haystack of ``MANY_NEEDLES`` needles (more questions per row, more look-alike keys); ``first`` (with
-    ``many``): the first question is about the needle that opens the haystack; ``far``: the prompt fills
-    7/8 or more of the row.
+def _multiquery_row(tok, train_ids: np.ndarray, length: int, rng: np.random.Generator, kind: str = "multiquery"):
+    """A multi-key NIAH prompt followed by questions about several of its needles, each answered. ``kind``:
+    ``multiquery`` (2-8 needles), ``multiquery_many`` (``MANY_NEEDLES`` needles: more questions per row, more
+    look-alike keys), ``multiquery_first`` (many, the first question is about the needle that opens the
+    haystack) or ``multiquery_far`` (first, with a prompt filling 7/8 or more of the row).
 
     Returns (ids, kinds, copies) with kinds 1 (LM) / 2 (answer) per token and ``copies`` the (query, key)
     positions of every answer token (see ``_copy_pairs``); None if no prompt fits ``length``.
     """
-    if many:
-        lo, hi = (7 * length // 8, length - 64) if far else (length // 4, length // 2 + 1)
+    if kind != "multiquery":
+        lo, hi = (7 * length // 8, length - 64) if kind == "multiquery_far" else (length // 4, length // 2 + 1)
         plen = int(rng.integers(lo, hi))
-        s = _many_needle_sample(tok, train_ids, plen, rng, first)
+        s = _many_needle_sample(tok, train_ids, plen, rng, first=kind in ("multiquery_first", "multiquery_far"))
     else:
         plen = int(rng.integers(min(320, length // 2), max(min(320, length // 2) + 1, length - 160)))
         s = _train_sample("multikey", tok, train_ids, plen, rng)
@@ -379,8 +377,7 @@ def make_batch(cfg: TrainConfig, step: int, tok, train_ids: np.ndarray):
         elif kind == "induction":
             _induction_row(ids[b], tgt[b], rng, _frequent_tokens(train_ids, cfg.induction_vocab), bos)
         elif kind.startswith("multiquery"):
-            row = _multiquery_row(tok, train_ids, length, rng, many=kind != "multiquery",
-                                  first=kind in ("multiquery_first", "multiquery_far"), far=kind == "multiquery_far")
+            row = _multiquery_row(tok, train_ids, length, rng, kind)
             if row is None:
                 _text_row(ids[b], tgt[b], train_ids, rng, bos)
                 continue
