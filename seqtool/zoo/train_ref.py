@@ -107,7 +107,8 @@ class TrainConfig:
         needles, each answered (one supervised key match per answer instead of one per prompt). Layer 3,
         head 3 (the head that already carries stage 2's passkey copy: the most attention on the copied needle
         token of the 8 heads in that layer) gets the attention-supervision loss. A short phase at 768 tokens,
-        then 2048 with 2-8, then 8-16 needles, then rows asking about the haystack's first needle, near and far.
+        then 2048 with 2-8, then 8-16 needles, then rows asking about the haystack's first needle, near and far,
+        then all of these mixed in 2304-token rows (so 2048-token distances lie inside the trained range).
         The phases after the first two were added while the shipped run went (see its card): this config is
         the final recipe, and the shipped checkpoint's lr schedule differs from it where the total grew.
         """
@@ -118,9 +119,11 @@ class TrainConfig:
                 "multiquery_first": 0.2}
         far = {"text": 0.25, "passkey": 0.15, "niah": 0.05, "multikey": 0.1, "multiquery_many": 0.2,
                "multiquery_far": 0.25}
+        mixed = {"text": 0.2, "passkey": 0.1, "niah": 0.05, "multikey": 0.1, "multiquery": 0.15,
+                 "multiquery_many": 0.2, "multiquery_far": 0.2}
         return cls(init_from=init_from, phases=[[600, 768, 16, short], [1260, 2048, 6, long],
                                                 [1000, 2048, 6, many], [400, 2048, 6, edge],
-                                                [300, 2048, 6, far]], lr=1e-3,
+                                                [300, 2048, 6, far], [1400, 2304, 6, mixed]], lr=1e-3,
                    min_lr_frac=0.1, warmup=20, weight_decay=0.1, mix=long, answer_loss_weight=2.0,
                    attn_supervision=[3, 3, 1.0], threads=2, eval_every=100)
 

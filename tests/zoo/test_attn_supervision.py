@@ -112,4 +112,4 @@ def test_stage_choice_errors(tmp_path):
                                    str(tmp_path), "--stage", "bogus"])
     assert res.exit_code == 2 and "unknown stage" in res.output
     cfg = tr.TrainConfig.multikey_stage("x")
-    assert cfg.attn_supervision and "multiquery" in cfg.mix_at(0) and cfg.phase_at(cfg.total_steps - 1)[0] == 2048
+    assert cfg.attn_supervision and "multiquery" in cfg.mix_at(0) and cfg.phase_at(cfg.total_steps - 1)[0] >= 2048
