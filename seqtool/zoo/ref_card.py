@@ -88,9 +88,14 @@ def _extra_data(cfg) -> str:
     if "induction" in kinds:
         out += "- Random token strings repeated twice, loss on the second copy only (grows induction heads).\n"
     if any(k.startswith("multiquery") for k in kinds):
+        from seqtool.eval.tasks import MULTIKEY_DISTRACTORS
+        from seqtool.zoo.train_ref import MANY_NEEDLES
+
+        many = f"{MANY_NEEDLES[0]}-{MANY_NEEDLES[1]}"
         out += ("- Multi-query rows: a multi-key NIAH haystack followed by questions about several of its needles,\n"
-                "  each answered (answer loss on every answer). `multiquery`: 2-8 needles; `multiquery_many`: 8-16;\n"
-                "  `multiquery_first`: 8-16, the first needle asked first; `multiquery_far`: the same from a prompt\n"
+                f"  each answered (answer loss on every answer). `multiquery`: 2-{MULTIKEY_DISTRACTORS + 1} needles; "
+                f"`multiquery_many`: {many};\n"
+                f"  `multiquery_first`: {many}, the first needle asked first; `multiquery_far`: the same from a prompt\n"
                 "  filling 7/8 of the row or more.\n")
     if cfg.attn_supervision:
         layer, head, weight = cfg.attn_supervision

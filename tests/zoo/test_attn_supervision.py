@@ -57,7 +57,8 @@ def test_multiquery_rows_point_each_answer_token_at_its_needle(tiny_data, kind):
         needle = tok.decode(ids[b, :k + 1].tolist()).rsplit("magic numbers for ", 1)[1]
         assert needle.startswith(asked + " is:")  # copied from the needle whose key was asked
         questions += before.endswith("provided text is")
-    assert questions >= 6, questions  # at least one answered question per row
+    # at least one answered question per row; several per row where the prompt leaves room (not ``far``)
+    assert questions >= 6 if kind == "multiquery_far" else questions > 6, questions
     if kind in ("multiquery_first", "multiquery_far"):  # first question: the needle that opens the haystack
         for b in range(6):
             text = tok.decode(ids[b].tolist())
