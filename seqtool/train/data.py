@@ -220,15 +220,17 @@ def _retrieval_rows(tokenizer, filler: np.ndarray, n: int, seq_len: int, seed: i
         plen = int(rng.integers(max(64, seq_len // 4), max(65, seq_len - 16)))
         depth = float(rng.random())
         sample = None
-        for d in (None, 3, 1, 0):  # fewer distractors until the prompt fits
+        # Fewer distractors, then the longest prompt the row allows, until it fits.
+        for length, d in [(plen, d) for d in (None, 3, 1, 0)] + [(seq_len - 24, 0)]:
             try:
-                sample = make_sample(task, tokenizer, filler, plen, depth, rng, split="train", check_unique=False,
+                sample = make_sample(task, tokenizer, filler, length, depth, rng, split="train", check_unique=False,
                                      distractors=d)
                 break
             except BadInputError:
                 continue
         if sample is None:
-            raise BadInputError(f"--mix-retrieval needs --seq-len of at least ~256 tokens (got {seq_len})")
+            raise BadInputError(f"--seq-len {seq_len} is too short for retrieval rows with this tokenizer "
+                                f"('{task}' prompts do not fit); use a longer --seq-len or no --mix-retrieval")
         seq = (sample.input_ids + sample.answer_ids + ([eos] if eos is not None else []))[:seq_len]
         ids[i, :len(seq)] = torch.tensor(seq)
         labels[i, :len(seq)] = torch.tensor(seq)

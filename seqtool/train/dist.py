@@ -115,9 +115,9 @@ def unwrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return model.module if info.enabled and info.mode == "ddp" else model
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled:
-        import torch.distributed as dist
+def shutdown() -> None:
+    """Leave the process group if one was joined."""
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,8 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
         run = run_training(loaded.model, loaded.tokenizer, data=packed, config=config, method=method, train=kinds,
                            loss=loss, teacher=teacher_model, kl_temperature=kl_temperature, kl_top_k=kl_top_k,
                            match=match, lora=LoraOptions(rank=lora_rank, alpha=lora_alpha), run_dir=run_dir,
-                           resume=resume, identity={"model": str(loaded.source), "teacher": teacher_name},
+                           resume=resume, identity={"model": str(loaded.source), "teacher": teacher_name,
+                                     "data_config": asdict(data_config)},
                            adapter_dir=adapter_tmp, dist=info, max_steps=max_steps)
         out_path, adapter_out = None, None
         if info.is_main:

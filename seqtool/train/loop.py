@@ -153,7 +153,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.identity = {"config": {k: v for k, v in _jsonable(asdict(config)).items() if k not in RESUME_FREE},
-                         "data": data.fingerprint, "objectives": [o.describe() for o in objectives],
+                         "data_rows": data.fingerprint, "objectives": [o.describe() for o in objectives],
                          **(identity or {})}
         self.device = next(model.parameters()).device
         if config.grad_checkpoint:
