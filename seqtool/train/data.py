@@ -152,11 +152,17 @@ def read_documents(source: str | None, text_field: str = "text", cache_dir: Path
             raise BadInputError(f"data '{source}' does not exist; pass a text/JSONL file, a directory or a "
                                 "datasets directory")
         else:
+            import huggingface_hub.constants as hub_constants
+
+            saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True  # env vars count only at import
             try:
                 ds = datasets.load_dataset(source, split="train")
             except Exception:
                 raise BadInputError(f"data '{source}' is neither a local path nor a dataset in the local Hugging "
                                     "Face cache (seqtool never downloads)") from None
+            finally:
+                datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
     except BadInputError:
         raise
     except Exception as exc:  # a malformed file: say which and why, in one line

@@ -116,7 +116,7 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData, config: Train
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    net = prepare(model, method, kinds, lora)
+    net = prepare(model, method, kinds, lora, seed=config.seed)
     trainable, total = count_parameters(net)
     template = None
     if info.enabled and info.mode == "fsdp" and info.is_main:
