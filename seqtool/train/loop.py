@@ -173,6 +173,7 @@ class Trainer:
         groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                               {"params": other, "weight_decay": 0.0}) if g["params"]]
         self.optim = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after wrapping (FSDP: DTensors)
         self.autocast = self.device.type == "cuda" and config.bf16 != "off" or config.bf16 == "on"
         self.history: list[dict] = []
         self.step = 0
@@ -318,8 +319,7 @@ class Trainer:
                     loss.backward()
             else:
                 loss.backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip > 0 else None
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started

@@ -87,9 +87,11 @@ class LMLoss(Objective):
     name = "lm"
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
-        logits = ctx.logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ctx.labels[:, 1:].reshape(-1),
-                              ignore_index=-100, reduction="sum")
+        # Shift the labels, not the logits: slicing (B, L, V) logits would copy them.
+        labels = F.pad(ctx.labels[:, 1:], (0, 1), value=-100)
+        logits = ctx.logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="sum")
         return nll * ctx.token_scale
 
 
