@@ -75,6 +75,16 @@ class PackedData:
             out.append(int(self._perm(epoch, seed)[off]))
         return torch.tensor(out, dtype=torch.long)
 
+    def micro_batches(self, step: int, grad_accum: int, batch: int, seed: int) -> list[dict]:
+        """The global micro-batches of optimizer ``step``: ``{"input_ids", "labels"}`` (batch, L) each. This is
+        the batch-source interface :class:`~seqtool.train.loop.Trainer` reads; another source (curriculum rows,
+        extra tensors for an objective) implements the same method plus ``heldout`` and ``fingerprint``."""
+        out = []
+        for m in range(grad_accum):
+            rows = self.step_rows(step, m, batch, grad_accum, seed)
+            out.append({"input_ids": self.train[rows], "labels": self.labels(rows)})
+        return out
+
     def _perm(self, epoch: int, seed: int) -> torch.Tensor:
         cache = self.__dict__.setdefault("_perms", {})
         if (epoch, seed) not in cache:
