@@ -324,7 +324,8 @@ class Trainer:
                               aux_terms=sink, outputs=out, batch=local)
             loss = out.logits.new_zeros((), dtype=torch.float32)
             for obj in self.objectives:
-                value = obj(ctx)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    value = obj(ctx)  # under the forward's autocast, as in a loop that computes loss in place
                 loss = loss + obj.weight * value
                 parts[f"loss_{obj.name}"] = parts.get(f"loss_{obj.name}", 0.0) + float(value.detach())
                 for k, v in (getattr(obj, "metrics", None) or {}).items():  # extra numbers an objective reports
