@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli import common
-from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, emit, handle_errors, table
+from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
 from seqtool.utils import parse_length_list
 
 
@@ -88,11 +88,15 @@ def register(app: typer.Typer) -> None:
           seqtool eval ref --task all --seq-len 2k
           seqtool eval ./gqa-ref --task passkey --seq-len 1k,2k --compare ref --json
         """
+        check_model(model)
+        if compare is not None:
+            check_model(compare)  # checked now, not after the main evaluation
+        seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)
         from seqtool.eval import evaluate
 
         with ExitStack() as stack:
-            result = evaluate(model, task, seq_lens=parse_length_list(seq_len), samples=samples,
-                              depths=_floats(depths), seed=seed, batch=batch, attn=attn, data=data, stride=stride,
+            result = evaluate(model, task, seq_lens=seq_lens, samples=samples,
+                              depths=depth_list, seed=seed, batch=batch, attn=attn, data=data, stride=stride,
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,
                               progress=_Bars(stack))
         emit(result, json_out, render)

@@ -91,7 +91,7 @@ def test_nan_weights_are_refused(tmp_path):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(BadInputError, match="neither"):
+    with pytest.raises(BadInputError, match="no such directory"):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(BadInputError, match="offline"):
         load_model("no-such-org/no-such-model")
