@@ -8,8 +8,10 @@ checkpoint calls :func:`prepare_output` before doing any work.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +82,91 @@ def _resolve_hub_cache(repo_id: str) -> Path:
             f"no such directory '{repo_id}', and no hub id '{repo_id}' in the local Hugging Face cache (seqtool works "
             "offline; download it elsewhere and pass its local directory)"
         ) from None
+
+
+def read_config(path: Path) -> dict:
+    """``path/config.json`` as a dict; invalid JSON is a one-line error naming the file."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"'{file}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read '{file}': {exc}") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"'{file}' does not hold a JSON object")
+    return config
+
+
+def _safetensors_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from one safetensors file's header, checking it covers the file exactly (no data read)."""
+    size = file.stat().st_size
+    if size == 0:
+        raise BadInputError(f"weights file '{file}' is empty (0 bytes); the checkpoint is incomplete")
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise BadInputError(f"weights file '{file}' is truncated ({size} bytes, not even a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise BadInputError(f"weights file '{file}' is truncated or corrupted (its header claims {n} bytes, "
+                                f"the file has {size})")
+        raw = handle.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise BadInputError(f"weights file '{file}' is corrupted (its header is not valid safetensors JSON)") from None
+    shapes, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise BadInputError(f"weights file '{file}' is corrupted (bad header entry for '{name}')") from None
+        shapes[name], end = shape, max(end, stop)
+    if 8 + n + end > size:
+        raise BadInputError(f"weights file '{file}' is truncated ({size} bytes; its header describes {8 + n + end})")
+    return shapes
+
+
+def check_weight_files(path: Path) -> dict[str, tuple[int, ...]]:
+    """Read every safetensors header of checkpoint ``path`` (cheap: no tensor data) and return name → shape.
+
+    One-line errors (exit 2) for: no weights beside config.json, an empty / truncated / corrupted file, an index
+    that names a missing shard. New commands that read a checkpoint get this through :func:`load_model`.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise BadInputError(f"'{index}' is not a valid safetensors index (invalid JSON or no weight_map)") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise BadInputError(f"'{path}' is incomplete: shard(s) {', '.join(missing)} named in {index.name} are missing")
+        files = sorted({path / f for f in weight_map.values()})
+    if not files:
+        raise BadInputError(f"'{path}' has a config.json but no weights (*.safetensors)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        shapes.update(_safetensors_header(file))
+    return shapes
+
+
+def check_source(source: str) -> Path | str:
+    """:func:`resolve_source` plus, for a directory, its config.json and every safetensors header (no tensor data
+    read, no torch imported): the cheap checks that let a command fail at once on a broken checkpoint."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path):
+        read_config(resolved)
+        check_weight_files(resolved)
+    return resolved
 
 
 def in_place_target(source: str | Path) -> str:

@@ -53,6 +53,13 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def log_start(message: str) -> None:
+    """'doing X ...' before long work: on a terminal only (off it, status lines report progress), so that a
+    run that fails on bad input prints nothing but its one error line."""
+    if progress_enabled():
+        log(message)
+
+
 def progress_enabled() -> bool:
     return not _state["quiet"] and sys.stderr.isatty()
 
@@ -118,10 +125,11 @@ def status_lines(description: str, total: int | None = None, interval: float | N
 
 
 def check_model(model: str):
-    """Resolve MODEL (directory, preset or cached hub id) without importing torch: a typo is reported at once."""
-    from seqtool.arch.paths import resolve_source
+    """Resolve MODEL (directory, preset or cached hub id) and check a directory's config.json and weight-file
+    headers, without importing torch: a typo or a broken checkpoint is reported at once."""
+    from seqtool.arch.paths import check_source
 
-    return resolve_source(model)
+    return check_source(model)
 
 
 def check_output(model: str, output: str | None, *, in_place: bool, force: bool) -> str | None:
