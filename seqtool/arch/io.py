@@ -251,6 +251,7 @@ def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, *, s
         _kill_point("weights-written")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _kill_point("tokenizer-written")
         _copy_extra_files(source_dir, tmp)
         if in_place and source_dir is not None:
             _carry_over(Path(source_dir), tmp)
@@ -266,6 +267,12 @@ def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, *, s
     return out
 
 
+# Points of a save where tests/arch/test_save_kill.py SIGKILLs the writer (renamed: a fresh output; the others
+# with --in-place, which swaps through a backup).
+KILL_POINTS = ("prepared", "tmp-created", "weights-written", "tokenizer-written", "files-written", "validated",
+               "locked", "between-renames", "swapped", "renamed")
+
+
 def _kill_point(name: str) -> None:
     """Test hook: ``SEQTOOL_KILL_AT=<name>`` SIGKILLs this process at that point of a save (kill tests)."""
     if os.environ.get("SEQTOOL_KILL_AT") == name:
@@ -279,12 +286,12 @@ def _save_weights(model: PreTrainedModel, tmp: Path, max_shard_size: str, dtype:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         return
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    old = getattr(model.config, "dtype", None)
-    model.config.dtype = dtype
-    try:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
-    finally:
-        model.config.dtype = old
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    # transformers records the in-memory parameters' dtype in config.json; record the one written instead
+    config_file = tmp / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _apply_umask(root: Path) -> None:
@@ -350,6 +357,7 @@ def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
     """Move the finished ``tmp`` to ``out`` under the parent lock; never replace an output that appeared while
     this run worked unless ``replace``."""
     with _parent_lock(out):
+        _kill_point("locked")
         if not out.exists():
             try:
                 _rename_noreplace(tmp, out)
