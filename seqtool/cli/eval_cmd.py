@@ -33,7 +33,10 @@ def render(result) -> str:
         parts.append(f"compared with {result.baseline.model}:\n" + table(
             [(d.task, d.seq_len, _fmt_depth(d.depth), d.metric, f"{d.value:.4g}", f"{d.baseline:.4g}", f"{d.delta:+.4g}")
              for d in result.deltas], ["task", "seq_len", "depth", "metric", "value", "baseline", "delta"]))
-    parts.append(f"{result.model}: {result.seconds:.1f} s")
+    lengths = ", ".join(str(L) for L in result.seq_lens)
+    parts.append(f"eval of {result.model}: {result.seconds:.1f} s in total ({', '.join(result.tasks)} at {lengths} "
+                 "tokens" + (f"; ppl text: {result.ppl[0].data}, {result.ppl[0].tokens} tokens scored" if result.ppl
+                             else "") + ")")
     return "\n\n".join(parts)
 
 

@@ -170,12 +170,12 @@ class _Profiler:
         if self.max_seconds is not None and seconds > self.max_seconds:
             return LengthResult(seq_len, s["batch"], status=SKIPPED,
                                 note=f"estimated ~{seconds:.3g} s > --max-seconds {self.max_seconds:g}: not run",
-                                estimated_memory_bytes=estimate.total, estimated_seconds=round(seconds, 3))
+                                estimated_memory_bytes=estimate.total, estimated_seconds=float(f"{seconds:.3g}"))
         if self.on_start is not None:
             self.on_start(self.source, seq_len, seconds, estimate.total)
         row = self._measure_isolated(seq_len) if self.isolate else self._measure_here(seq_len)
         row.estimated_memory_bytes = estimate.total
-        row.estimated_seconds = round(seconds, 3)
+        row.estimated_seconds = float(f"{seconds:.3g}")
         return row
 
     def _measure_here(self, seq_len: int) -> LengthResult:
