@@ -72,16 +72,32 @@ def resolve_source(source: str) -> Path | str:
     )
 
 
+def _hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps its cache, read from the same variables it reads (without importing it)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _not_cached(repo_id: str) -> BadInputError:
+    return BadInputError(
+        f"no such directory '{repo_id}', and no hub id '{repo_id}' in the local Hugging Face cache (seqtool works "
+        "offline; download it elsewhere and pass its local directory)")
+
+
 def _resolve_hub_cache(repo_id: str) -> Path:
+    import sys
+
+    if "huggingface_hub" not in sys.modules and not (_hub_cache_dir() / f"models--{repo_id.replace('/', '--')}").exists():
+        raise _not_cached(repo_id)  # answered without importing huggingface_hub (~0.5 s)
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
-        raise BadInputError(
-            f"no such directory '{repo_id}', and no hub id '{repo_id}' in the local Hugging Face cache (seqtool works "
-            "offline; download it elsewhere and pass its local directory)"
-        ) from None
+        raise _not_cached(repo_id) from None
 
 
 def read_config(path: Path) -> dict:
