@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
         Examples:
           seqtool patch ref --method block_topk --budget 0.25 --set min_len=0 -o ref-bt
-          seqtool patch ref --method streaming --budget 512 --dense-layers 0 --report
+          seqtool patch ref --method streaming --budget 256 --dense-layers 0 --report --probe-tokens 2048
         """
         check_model(model)
         if output is None and not in_place and not report:
