@@ -5,16 +5,13 @@ recipe under key ``"seqtool"``, generation config, tokenizer files, and a genera
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
-import struct
 import sys
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +20,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from seqtool import recipe as recipe_mod
+from seqtool.arch.paths import (ADAPTER_TMP_PREFIX, BACKUP_SUFFIX, STALE_UNOWNED_S, TMP_PREFIX,  # noqa: F401
+                                 _parent_lock, check_loadable, check_output_path, check_weight_files,
+                                 check_writable, clean_stale_temps, in_place_target, prepare_output, read_config,
+                                 recover_interrupted_swap, resolve_source, temp_name)
 from seqtool.arch.registry import get_family
 from seqtool.errors import BadInputError, DeviceError, OutputExistsError, SeqtoolError, UnsupportedModelError
-from seqtool.arch.paths import (ADAPTER_TMP_PREFIX, BACKUP_SUFFIX, STALE_UNOWNED_S, TMP_PREFIX, _parent_lock,  # noqa: F401
-                                 check_output_path, check_weight_files, check_writable, clean_stale_temps,
-                                 in_place_target, prepare_output, read_config, recover_interrupted_swap,
-                                 resolve_source, temp_name)
 from seqtool.utils import notice
 from seqtool.zoo import presets
 
@@ -82,19 +79,6 @@ def resolve_device(name: str | None) -> torch.device:
     raise BadInputError(f"unknown device '{name}'; use auto, cpu or cuda")
 
 
-def _check_loadable(path: Path) -> dict:
-    config = read_config(path)
-    if config.get("quantization_config"):
-        raise UnsupportedModelError(f"'{path}' is a quantized checkpoint; seqtool needs unquantized weights")
-    get_family(config)  # unsupported families (incl. remote-code ones) fail here with the supported list
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and any(path.glob("*.bin")):
-        raise UnsupportedModelError(
-            f"'{path}' only has pickle (.bin) weights; seqtool loads safetensors only (convert it with transformers)"
-        )
-    return config
-
-
 def _tied_keys(model: PreTrainedModel) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     keys = set(tied) if not isinstance(tied, dict) else set(tied)
@@ -117,9 +101,14 @@ def check_weights_match(path: Path, stored: dict[str, tuple[int, ...]], model: P
     if missing:
         raise BadInputError(f"'{path}' is missing {len(missing)} tensor(s) its config needs: {_names(missing)} "
                             "(they would be random; pass allow_missing=True only if that is intended)")
-    unexpected = sorted(set(stored) - set(expected))
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []), *_IGNORED_UNEXPECTED]
+    unexpected = sorted(k for k in set(stored) - set(expected) if not any(re.search(p, k) for p in ignored))
     if unexpected:
         raise BadInputError(f"'{path}' has {len(unexpected)} tensor(s) its config does not use: {_names(unexpected)}")
+
+
+# Tensors older checkpoints carry that transformers drops on load (rotary caches saved as buffers).
+_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$",)
 
 
 def _names(items: list[str], limit: int = 4) -> str:
@@ -161,7 +150,7 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
         model, tokenizer = presets.build_preset(resolved, dtype=torch_dtype, device=target, meta=meta)
         loaded = LoadedModel(model, tokenizer, source, source_dtype=next(model.parameters()).dtype)
     else:
-        config = _check_loadable(resolved)
+        config = check_loadable(resolved)
         stored = check_weight_files(resolved)
         torch_dtype = torch_dtype or (checkpoint_dtype(config) if meta else _auto_dtype(config, target))
         try:
@@ -256,7 +245,7 @@ def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, *, s
         if in_place and source_dir is not None:
             _carry_over(Path(source_dir), tmp)
         (tmp / "README.md").write_text(recipe_mod.model_card(model, steps, extra=card_extra))
-        _apply_umask(tmp)
+        apply_umask(tmp)
         _kill_point("files-written")
         validate_checkpoint(tmp, model)
         _kill_point("validated")
@@ -294,7 +283,7 @@ def _save_weights(model: PreTrainedModel, tmp: Path, max_shard_size: str, dtype:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _apply_umask(root: Path) -> None:
+def apply_umask(root: Path) -> None:
     """Files as every other tool writes them: 0666 / 0777 minus the user's umask (safetensors writes 0600)."""
     mask = os.umask(0)
     os.umask(mask)

@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from seqtool.errors import BadInputError, OutputExistsError, SeqtoolError
+from seqtool.errors import BadInputError, OutputExistsError, SeqtoolError, UnsupportedModelError
 from seqtool.utils import notice
 from seqtool.zoo import presets
 
@@ -175,12 +175,28 @@ def check_weight_files(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_loadable(path: Path) -> dict:
+    """config.json readable, not quantized, a supported family, safetensors rather than pickle."""
+    from seqtool.arch.registry import get_family
+
+    config = read_config(path)
+    if config.get("quantization_config"):
+        raise UnsupportedModelError(f"'{path}' is a quantized checkpoint; seqtool needs unquantized weights")
+    get_family(config)  # unsupported families (incl. remote-code ones) fail here with the supported list
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and any(path.glob("*.bin")):
+        raise UnsupportedModelError(
+            f"'{path}' only has pickle (.bin) weights; seqtool loads safetensors only (convert it with transformers)"
+        )
+    return config
+
+
 def check_source(source: str) -> Path | str:
     """:func:`resolve_source` plus, for a directory, its config.json and every safetensors header (no tensor data
     read, no torch imported): the cheap checks that let a command fail at once on a broken checkpoint."""
     resolved = resolve_source(source)
     if isinstance(resolved, Path):
-        read_config(resolved)
+        check_loadable(resolved)
         check_weight_files(resolved)
     return resolved
 

@@ -29,8 +29,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Overwrite the input checkpoint (safely, via a backup).")]
 AttnOpt = Annotated[str | None, typer.Option("--attn", help="Attention: sdpa|eager or a seqtool patch spec, e.g. block_topk:budget=0.25,min_len=0.", show_default=False)]
 
-AllowMissingOpt = Annotated[bool, typer.Option("--allow-missing", help="Load a checkpoint even if tensors are missing (they are random) or unused.")]
-
 _state = {"quiet": False}
 # Off a terminal, long work prints one status line this often (seconds); tests lower it.
 STATUS_INTERVAL_S = float(os.environ.get("SEQTOOL_STATUS_INTERVAL", "30"))
@@ -58,6 +56,20 @@ def log_start(message: str) -> None:
     run that fails on bad input prints nothing but its one error line."""
     if progress_enabled():
         log(message)
+
+
+@contextmanager
+def working(description: str) -> Iterator[None]:
+    """Around one long library call: ``description ...`` on a terminal; off it, a status line every
+    ``STATUS_INTERVAL_S`` seconds (``description: step 0, 2m00s elapsed``) so CI logs do not look hung."""
+    if _state["quiet"]:
+        yield
+    elif sys.stderr.isatty():
+        log(f"{description} ...")
+        yield
+    else:
+        with status_lines(description):
+            yield
 
 
 def progress_enabled() -> bool:

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
-                                check_output, emit, handle_errors, log_start, table)
+                                check_output, emit, handle_errors, working, table)
 from seqtool.errors import BadInputError
 from seqtool.utils import format_bytes, format_count
 
@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         if recover not in (None, "none", "lora"):
             raise BadInputError(f"unknown --recover '{recover}'; use lora or leave it out")
         out = resolve_output(model, output, in_place, force)
-        log_start(f"converting {model} -> {to} ...")
-        result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                         recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype, device=device,
-                         **options)
+        with working(f"converting {model} -> {to}"):
+            result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                             recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype, device=device,
+                             **options)
         emit(result, json_out, render)

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
-                                check_output, emit, handle_errors, log_start, table)
+                                check_output, emit, handle_errors, working, table)
 from seqtool.errors import BadInputError
 
 
@@ -56,8 +56,8 @@ def register(app: typer.Typer) -> None:
         check_output(model, output, in_place=in_place, force=force)
         from seqtool.patches.checkpoint import patch_checkpoint
 
-        log_start(f"patching {model} with {method} ...")
-        result = patch_checkpoint(model, method, budget=budget, dense_layers=dense_layers, set_options=set_,
-                                  output=output, force=force, in_place=in_place, report=report,
-                                  probe_tokens=probe_tokens, dtype=dtype, device=device)
+        with working(f"patching {model} with {method}"):
+            result = patch_checkpoint(model, method, budget=budget, dense_layers=dense_layers, set_options=set_,
+                                      output=output, force=force, in_place=in_place, report=report,
+                                      probe_tokens=probe_tokens, dtype=dtype, device=device)
         emit(result, json_out, render)

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
-                                emit, handle_errors, log_start)
+                                emit, handle_errors, working)
 from seqtool.errors import BadInputError
 from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, SamplesOpt, SeedOpt, SeqLenOpt, StepsOpt,
                                      render, resolve_output)
@@ -51,9 +51,9 @@ def register(app: typer.Typer) -> None:
         out = resolve_output(model, output, in_place, force)
         from seqtool.convert.prune import prune_model
 
-        log_start(f"pruning {ratio:g} of {model} ({criterion}) ...")
-        result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
-                             gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                             recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype,
-                             device=device)
+        with working(f"pruning {ratio:g} of {model} ({criterion})"):
+            result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
+                                 gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                                 recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype,
+                                 device=device)
         emit(result, json_out, render)

@@ -240,13 +240,14 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
         step["recover"] = {"method": "lora", "steps": recovery.steps, "rank": recovery.rank, "lr": recovery.lr}
     out_path = None
     if output is not None:
-        from seqtool.arch.io import save_model
+        from seqtool.arch.io import apply_umask, save_model
 
         try:
             out_path = save_model(net, loaded.tokenizer, output, step=step, force=force, in_place=in_place,
                                   source_dir=loaded.path, dtype=save_dtype or loaded.source_dtype)
             if adapter_tmp is not None:
                 shutil.move(str(adapter_tmp), str(out_path / ADAPTER_DIR))
+                apply_umask(out_path / ADAPTER_DIR)
                 recovery.adapter_dir = str(out_path / ADAPTER_DIR)
         finally:
             if adapter_tmp is not None and adapter_tmp.exists():

@@ -60,6 +60,7 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(TMP_PREFIX) or p.name.endswith(BACKUP_SUFFIX))
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the driver forks one writer per kill point")
 def test_sigkill_at_every_point_of_a_save(tmp_path):
     loaded = load_model("tiny-llama")
     src = save_model(loaded.model, loaded.tokenizer, tmp_path / "src", step={"op": "old"})
@@ -178,3 +179,27 @@ def test_outputs_keep_the_input_dtype_and_the_umask(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     explicit = Path(convert(str(src), "gqa", kv_heads=2, output=tmp_path / "gqa32", dtype="fp32").output)
     assert json.loads((explicit / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_in_place_keeps_files_it_does_not_rewrite(tmp_path, capsys):
+    loaded = load_model("tiny-llama")
+    src = save_model(loaded.model, loaded.tokenizer, tmp_path / "src", step={"op": "a"})
+    (src / "eval.json").write_text("{}")
+    (src / "notes").mkdir()
+    (src / "notes" / "n.txt").write_text("x")
+    again = load_model(str(src))
+    save_model(again.model, again.tokenizer, src, step={"op": "b"}, in_place=True, source_dir=src)
+    assert (src / "eval.json").read_text() == "{}" and (src / "notes" / "n.txt").read_text() == "x"
+    assert [s["op"] for s in load_model(str(src)).recipe] == ["a", "b"]
+    assert "kept from the input" in capsys.readouterr().err
+
+
+def test_legacy_rotary_buffers_are_not_unexpected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    loaded = load_model("tiny-llama")
+    src = save_model(loaded.model, loaded.tokenizer, tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    load_model(str(src))  # older checkpoints carry these; transformers drops them on load
