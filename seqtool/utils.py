@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from seqtool.errors import BadInputError
+
+_NOTICES = {"quiet": False}
+
+
+def set_notices_quiet(quiet: bool) -> None:
+    """``seqtool --quiet`` silences library notices too."""
+    _NOTICES["quiet"] = quiet
+
+
+def notice(message: str) -> None:
+    """One line on stderr from the library (e.g. a stale temp directory removed); silenced by ``--quiet``."""
+    if not _NOTICES["quiet"]:
+        print(message, file=sys.stderr, flush=True)
 
 _LENGTH = re.compile(r"^\s*(\d+)\s*([kKmM]?)\s*$")
 

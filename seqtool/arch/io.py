@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-import uuid
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,20 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from seqtool import recipe as recipe_mod
+from seqtool.arch.paths import (ADAPTER_TMP_PREFIX, BACKUP_SUFFIX, STALE_UNOWNED_S, TMP_PREFIX,  # noqa: F401
+                                 _parent_lock, check_loadable, check_output_path, check_weight_files,
+                                 check_writable, clean_stale_temps, in_place_target, prepare_output, read_config,
+                                 recover_interrupted_swap, resolve_source, temp_name)
 from seqtool.arch.registry import get_family
 from seqtool.errors import BadInputError, DeviceError, OutputExistsError, SeqtoolError, UnsupportedModelError
+from seqtool.utils import notice
 from seqtool.zoo import presets
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-BACKUP_SUFFIX = ".seqtool-backup"
-TMP_PREFIX = ".seqtool-tmp-"
+# Weight files an in-place rewrite replaces; every other file of the input is carried over.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 # Files copied from the source checkpoint when the tokenizer object does not write them itself.
 _EXTRA_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -40,6 +47,7 @@ class LoadedModel:
     source: str
     path: Path | None = None
     recipe: list[dict] = field(default_factory=list)
+    source_dtype: torch.dtype | None = None  # the dtype stored on disk (outputs keep it unless asked otherwise)
 
     @property
     def family(self) -> str:
@@ -71,66 +79,46 @@ def resolve_device(name: str | None) -> torch.device:
     raise BadInputError(f"unknown device '{name}'; use auto, cpu or cuda")
 
 
-def recover_interrupted_swap(path: Path) -> None:
-    """Finish or undo an ``--in-place``/``--force`` swap that was killed half-way.
+def _tied_keys(model: PreTrainedModel) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = set(tied) if not isinstance(tied, dict) else set(tied)
+    if getattr(model.config, "tie_word_embeddings", False):
+        keys.add("lm_head.weight")
+    return keys
 
-    The swap renames ``path`` → ``path.seqtool-backup``, then the new directory → ``path``, then deletes the
-    backup. If ``path`` is missing the swap stopped between the renames: restore the backup. If both exist the
-    new checkpoint is in place: drop the backup.
-    """
-    backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if not backup.exists():
+
+def check_weights_match(path: Path, stored: dict[str, tuple[int, ...]], model: PreTrainedModel, *,
+                        allow_missing: bool = False) -> None:
+    """Compare the checkpoint's tensors with the model's: missing / unexpected tensors and wrong shapes are
+    one-line errors naming them (a missing tensor would otherwise be initialised randomly, silently)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k} {list(stored[k])} (expected {list(s)})" for k, s in expected.items() if k in stored and stored[k] != s]
+    if wrong:
+        raise BadInputError(f"'{path}' has tensor(s) of the wrong shape for its config.json: {_names(wrong)}")
+    if allow_missing:
         return
-    if path.exists():
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(backup, path)
+    missing = sorted(set(expected) - set(stored) - _tied_keys(model))
+    if missing:
+        raise BadInputError(f"'{path}' is missing {len(missing)} tensor(s) its config needs: {_names(missing)} "
+                            "(they would be random; pass allow_missing=True only if that is intended)")
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []), *_IGNORED_UNEXPECTED]
+    unexpected = sorted(k for k in set(stored) - set(expected) if not any(re.search(p, k) for p in ignored))
+    if unexpected:
+        raise BadInputError(f"'{path}' has {len(unexpected)} tensor(s) its config does not use: {_names(unexpected)}")
 
 
-def resolve_source(source: str) -> Path | str:
-    """A checkpoint directory, or the preset name itself for random-weight presets."""
-    if presets.is_preset(source):
-        if source == "ref":
-            if not (presets.REF_DIR / "config.json").exists():
-                raise SeqtoolError("the reference model is not trained yet; run `seqtool zoo train-ref`")
-            return presets.REF_DIR
-        return source
-    path = Path(source).expanduser()
-    recover_interrupted_swap(path)
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise BadInputError(f"'{source}' is not a Hugging Face checkpoint directory (no config.json)")
-        return path
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return _resolve_hub_cache(source)
-    raise BadInputError(
-        f"'{source}' is neither a local checkpoint directory nor a preset; presets: {', '.join(presets.preset_names())}"
-    )
+# Tensors older checkpoints carry that transformers drops on load (rotary caches saved as buffers).
+_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$",)
 
 
-def _resolve_hub_cache(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        raise BadInputError(
-            f"'{repo_id}' is not in the local Hugging Face cache and seqtool works offline; "
-            "download it elsewhere and pass its local directory"
-        ) from None
+def _names(items: list[str], limit: int = 4) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
-def _check_loadable(path: Path) -> dict:
-    config = json.loads((path / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise UnsupportedModelError(f"'{path}' is a quantized checkpoint; seqtool needs unquantized weights")
-    get_family(config)  # unsupported families (incl. remote-code ones) fail here with the supported list
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and any(path.glob("*.bin")):
-        raise UnsupportedModelError(
-            f"'{path}' only has pickle (.bin) weights; seqtool loads safetensors only (convert it with transformers)"
-        )
-    return config
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -145,34 +133,50 @@ def _auto_dtype(config: dict, device: torch.device) -> torch.dtype:
 
 def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                device_map: str | dict | None = None, attn: str | None = None, meta: bool = False,
-               apply_recipe: bool = True) -> LoadedModel:
+               apply_recipe: bool = True, allow_missing: bool = False) -> LoadedModel:
     """Load a causal LM from a local directory, a preset or a cached hub id.
 
     ``meta=True`` builds the model on the meta device (shapes only, nothing allocated). ``attn`` is an attention
     implementation (``sdpa``/``eager``) or a seqtool patch spec (``block_topk:budget=0.25``). Runtime patches
-    recorded in the checkpoint's recipe are re-applied unless ``apply_recipe=False``.
+    recorded in the checkpoint's recipe are re-applied unless ``apply_recipe=False``. A checkpoint directory is
+    checked before any weight is read (:func:`check_weight_files`, :func:`check_weights_match`): missing or
+    unexpected tensors are an error unless ``allow_missing=True`` (missing ones are then random).
     """
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device if device_map is None else "auto")
     resolved = resolve_source(source)
+    quiet_hf_progress()
     if isinstance(resolved, str):
         model, tokenizer = presets.build_preset(resolved, dtype=torch_dtype, device=target, meta=meta)
-        loaded = LoadedModel(model, tokenizer, source)
+        loaded = LoadedModel(model, tokenizer, source, source_dtype=next(model.parameters()).dtype)
     else:
-        config = _check_loadable(resolved)
+        config = check_loadable(resolved)
+        stored = check_weight_files(resolved)
         torch_dtype = torch_dtype or (checkpoint_dtype(config) if meta else _auto_dtype(config, target))
-        if meta:
+        try:
             hf_config = AutoConfig.from_pretrained(resolved, local_files_only=True, trust_remote_code=False)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+                shapes = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise BadInputError(f"'{resolved / 'config.json'}' does not describe a model: {_first_line(exc)}") from None
+        check_weights_match(resolved, stored, shapes, allow_missing=allow_missing)
+        if meta:
+            model = shapes
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                resolved, dtype=torch_dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                device_map=device_map if device_map is not None else target,
-            )
+            del shapes
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    resolved, config=hf_config, dtype=torch_dtype, local_files_only=True, trust_remote_code=False,
+                    use_safetensors=True, device_map=device_map if device_map is not None else target,
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                if "out of memory" in str(exc).lower():
+                    raise
+                raise BadInputError(f"cannot load the weights of '{resolved}': {_first_line(exc)}") from None
         model.eval()
         tokenizer = _load_tokenizer(resolved)
-        loaded = LoadedModel(model, tokenizer, source, path=resolved, recipe=recipe_mod.read(model.config))
+        loaded = LoadedModel(model, tokenizer, source, path=resolved, recipe=recipe_mod.read(model.config),
+                             source_dtype=checkpoint_dtype(config))
     if attn in ("sdpa", "eager"):
         model.set_attn_implementation(attn)
     if apply_recipe and loaded.recipe and not meta:
@@ -196,49 +200,114 @@ def _load_tokenizer(path: Path):
     return tokenizer
 
 
-def prepare_output(out_dir: str | Path, *, force: bool = False, in_place: bool = False,
-                   source_dir: Path | None = None) -> Path:
-    """Check that ``out_dir`` may be written; returns it as a resolved Path."""
-    out = Path(out_dir).expanduser().resolve()
-    recover_interrupted_swap(out)
-    same_as_input = source_dir is not None and out == Path(source_dir).resolve()
-    if same_as_input and not in_place:
-        raise OutputExistsError(f"output '{out}' is the input checkpoint; pass --in-place to overwrite it")
-    if out.exists() and not (force or in_place):
-        raise OutputExistsError(f"output '{out}' exists; pass --force to replace it or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output '{out}' exists and is not a directory")
-    return out
+def quiet_hf_progress() -> None:
+    """Silence transformers / hub progress bars when stderr is not a terminal (seqtool's own are silent there)."""
+    if sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, *, step: dict | None = None,
                force: bool = False, in_place: bool = False, source_dir: Path | None = None,
-               max_shard_size: str = "2GB", card_extra: str = "") -> Path:
+               max_shard_size: str = "2GB", card_extra: str = "", dtype: str | torch.dtype | None = None) -> Path:
     """Write ``model`` atomically to ``out_dir`` and append ``step`` to its recipe.
 
-    The checkpoint is written to a temp directory beside ``out_dir``, validated (every weight present, no
-    NaN/inf, reloads), then renamed into place; an existing ``out_dir`` (``force``/``in_place``) is swapped out
-    through a backup so a kill at any moment leaves a loadable checkpoint.
+    The checkpoint is written to a temp directory beside ``out_dir`` (named with this process's pid, so a later
+    run can remove it if this one is killed), validated (every weight present, no NaN/inf, reloads), then
+    renamed into place under a lock on the parent directory: an output that appeared meanwhile is not replaced
+    without ``force``/``in_place`` (OutputExistsError); an existing one is swapped out through a backup so a
+    kill at any moment leaves a loadable checkpoint. ``dtype`` is the dtype written (default: the model's);
+    files get the user's umask. ``in_place`` carries over the input's files that are not rewritten.
     """
     out = prepare_output(out_dir, force=force, in_place=in_place, source_dir=source_dir)
+    _kill_point("prepared")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / temp_name(TMP_PREFIX, out.name)
+    save_dtype = resolve_dtype(dtype)
+    quiet_hf_progress()
     try:
         steps = recipe_mod.read(model.config)
         if step is not None:
             steps = [*steps, recipe_mod.make_step(step)]
         recipe_mod.write(model.config, steps)
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tmp.mkdir()
+        _kill_point("tmp-created")
+        _save_weights(model, tmp, max_shard_size, save_dtype)
+        _kill_point("weights-written")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _kill_point("tokenizer-written")
         _copy_extra_files(source_dir, tmp)
+        if in_place and source_dir is not None:
+            _carry_over(Path(source_dir), tmp)
         (tmp / "README.md").write_text(recipe_mod.model_card(model, steps, extra=card_extra))
+        apply_umask(tmp)
+        _kill_point("files-written")
         validate_checkpoint(tmp, model)
-        _swap_into_place(tmp, out)
+        _kill_point("validated")
+        _publish(tmp, out, replace=force or in_place)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# Points of a save where tests/arch/test_save_kill.py SIGKILLs the writer (renamed: a fresh output; the others
+# with --in-place, which swaps through a backup).
+KILL_POINTS = ("prepared", "tmp-created", "weights-written", "tokenizer-written", "files-written", "validated",
+               "locked", "between-renames", "swapped", "renamed")
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: ``SEQTOOL_KILL_AT=<name>`` SIGKILLs this process at that point of a save (kill tests)."""
+    if os.environ.get("SEQTOOL_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_weights(model: PreTrainedModel, tmp: Path, max_shard_size: str, dtype: torch.dtype | None) -> None:
+    """``save_pretrained`` in ``dtype`` (the model itself is not cast: a copy of its state dict is)."""
+    current = next(model.parameters()).dtype
+    if dtype is None or dtype == current:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        return
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    # transformers records the in-memory parameters' dtype in config.json; record the one written instead
+    config_file = tmp / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def apply_umask(root: Path) -> None:
+    """Files as every other tool writes them: 0666 / 0777 minus the user's umask (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+
+
+def _carry_over(source_dir: Path, tmp: Path) -> list[str]:
+    """``--in-place``: keep the input's files this run does not rewrite (eval results, adapters, notes)."""
+    kept = []
+    for entry in sorted(source_dir.iterdir()):
+        target = tmp / entry.name
+        if target.exists() or entry.name.startswith(".") or any(entry.match(p) for p in _WEIGHT_PATTERNS):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True)
+        else:
+            shutil.copy2(entry, target)
+        kept.append(entry.name)
+    if kept:
+        notice(f"kept from the input (not rewritten by this run): {', '.join(kept)}")
+    return kept
 
 
 def _copy_extra_files(source_dir: Path | None, tmp: Path) -> None:
@@ -250,14 +319,54 @@ def _copy_extra_files(source_dir: Path | None, tmp: Path) -> None:
             shutil.copy2(src, tmp / name)
 
 
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename that fails with FileExistsError instead of replacing ``dst`` (renameat2 on Linux; elsewhere the
+    parent lock plus an existence check guard it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import errno
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = getattr(libc, "renameat2", None)
+        if renameat2 is not None:
+            AT_FDCWD, RENAME_NOREPLACE = -100, 1
+            if renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+                return
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                raise FileExistsError(err, os.strerror(err), str(dst))
+            if err not in (errno.EINVAL, errno.ENOSYS):
+                raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists():
+        raise FileExistsError(str(dst))
+    os.rename(src, dst)
+
+
+def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Move the finished ``tmp`` to ``out`` under the parent lock; never replace an output that appeared while
+    this run worked unless ``replace``."""
+    with _parent_lock(out):
+        _kill_point("locked")
+        if not out.exists():
+            try:
+                _rename_noreplace(tmp, out)
+                _kill_point("renamed")
+                return
+            except FileExistsError:
+                pass
+        if not replace:
+            raise OutputExistsError(f"output '{out}' was created by another run while this one worked; it was "
+                                    "not replaced (pass --force to replace it)")
+        _swap_into_place(tmp, out)
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
     backup = out.with_name(out.name + BACKUP_SUFFIX)
     shutil.rmtree(backup, ignore_errors=True)
     os.replace(out, backup)
+    _kill_point("between-renames")
     os.replace(tmp, out)
+    _kill_point("swapped")
     shutil.rmtree(backup, ignore_errors=True)
 
 

@@ -10,9 +10,10 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+if TYPE_CHECKING:  # annotations only: the CLI checks model families before importing torch
+    import torch.nn as nn
 
 from seqtool.errors import UnsupportedModelError
 

@@ -30,10 +30,15 @@ InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Overwrite the inpu
 AttnOpt = Annotated[str | None, typer.Option("--attn", help="Attention: sdpa|eager or a seqtool patch spec, e.g. block_topk:budget=0.25,min_len=0.", show_default=False)]
 
 _state = {"quiet": False}
+# Off a terminal, long work prints one status line this often (seconds); tests lower it.
+STATUS_INTERVAL_S = float(os.environ.get("SEQTOOL_STATUS_INTERVAL", "30"))
 
 
 def set_quiet(quiet: bool) -> None:
+    from seqtool.utils import set_notices_quiet
+
     _state["quiet"] = quiet
+    set_notices_quiet(quiet)
 
 
 def is_quiet() -> bool:
@@ -46,15 +51,41 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def log_start(message: str) -> None:
+    """'doing X ...' before long work: on a terminal only (off it, status lines report progress), so that a
+    run that fails on bad input prints nothing but its one error line."""
+    if progress_enabled():
+        log(message)
+
+
+@contextmanager
+def working(description: str) -> Iterator[None]:
+    """Around one long library call: ``description ...`` on a terminal; off it, a status line every
+    ``STATUS_INTERVAL_S`` seconds (``description: step 0, 2m00s elapsed``) so CI logs do not look hung."""
+    if _state["quiet"]:
+        yield
+    elif sys.stderr.isatty():
+        log(f"{description} ...")
+        yield
+    else:
+        with status_lines(description):
+            yield
+
+
 def progress_enabled() -> bool:
     return not _state["quiet"] and sys.stderr.isatty()
 
 
 @contextmanager
 def progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr when it is a terminal; yields ``advance(n=1)``."""
-    if not progress_enabled():
+    """A rich progress bar on stderr when it is a terminal; yields ``advance(n=1)``. Off a terminal (CI logs),
+    a status line ``description: step n/total, elapsed, ETA`` every ``STATUS_INTERVAL_S`` seconds instead."""
+    if _state["quiet"]:
         yield lambda n=1: None
+        return
+    if not sys.stderr.isatty():
+        with status_lines(description, total) as advance:
+            yield advance
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,6 +94,71 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[[i
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@contextmanager
+def status_lines(description: str, total: int | None = None, interval: float | None = None
+                 ) -> Iterator[Callable[[int], None]]:
+    """Print ``description: step n/total, 1m30s elapsed, ETA 2m10s`` on stderr every ``interval`` seconds from
+    a background thread (so a single long step still shows life); yields ``advance(n=1)``."""
+    import threading
+    import time
+
+    interval = STATUS_INTERVAL_S if interval is None else interval
+    state = {"done": 0}
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def line() -> str:
+        elapsed = time.monotonic() - start
+        step = f"step {state['done']}/{total}" if total else f"step {state['done']}"
+        eta = ""
+        if total and state["done"]:
+            eta = f", ETA {_duration(elapsed / state['done'] * (total - state['done']))}"
+        return f"{description}: {step}, {_duration(elapsed)} elapsed{eta}"
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            if not _state["quiet"]:
+                print(line(), file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, name="seqtool-status", daemon=True)
+    thread.start()
+    try:
+        yield lambda n=1: state.__setitem__("done", state["done"] + n)
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+
+
+def check_model(model: str):
+    """Resolve MODEL (directory, preset or cached hub id) and check a directory's config.json and weight-file
+    headers, without importing torch: a typo or a broken checkpoint is reported at once."""
+    from seqtool.arch.paths import check_source
+
+    return check_source(model)
+
+
+def check_output(model: str, output: str | None, *, in_place: bool, force: bool) -> str | None:
+    """Before any work: the directory a command will write (``-o``, or the input with ``--in-place``; None if
+    neither), checked by :func:`seqtool.arch.paths.prepare_output` (safe path, not a preset in place, exists
+    without --force, writable; stale temp dirs beside it removed). New writing commands call this."""
+    from pathlib import Path
+
+    from seqtool.arch.paths import in_place_target, prepare_output
+
+    if output is None and not in_place:
+        return None
+    target = output if output is not None else in_place_target(model)
+    resolved = check_model(model)
+    source_dir = resolved if isinstance(resolved, Path) else None
+    prepare_output(target, force=force, in_place=in_place, source_dir=source_dir, source=model)
+    return target
 
 
 def to_jsonable(value: Any) -> Any:
@@ -99,13 +195,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
+    if "transformers" not in sys.modules:
+        return  # it reads the variables above when a command imports it; importing it here costs ~0.5 s
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always importable here
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -127,3 +222,46 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _hide_flag_placeholder() -> None:
+    """Typer's rich help shows ``<bool>`` beside every flag (``--force <bool>``) although a flag takes no value."""
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+    if getattr(original, "_seqtool", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._seqtool = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_placeholder()
+
+
+class OneLineErrorsGroup(typer.core.TyperGroup):
+    """Usage errors (``--ratio abc``, a missing option) as one ``error:`` line plus a help hint, exit 2,
+    instead of a boxed multi-line panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:  # typer >= 0.2x vendors click as typer._click
+            from typer import _click as click
+        except ImportError:  # pragma: no cover
+            import click
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)

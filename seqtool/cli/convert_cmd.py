@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
-                                handle_errors, is_quiet, log, table)
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
+                                check_output, emit, handle_errors, is_quiet, working, table)
 from seqtool.errors import BadInputError
 from seqtool.utils import format_bytes, format_count
 
@@ -20,13 +20,11 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the recovery
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for calibration windows, random scores and recovery.")]
 
 
-def resolve_output(model: str, output: str | None, in_place: bool) -> str:
-    """The directory to write: ``-o``, or the input itself with ``--in-place``."""
-    if output is None and in_place:
-        return model
-    if output is None:
+def resolve_output(model: str, output: str | None, in_place: bool, force: bool = False) -> str:
+    """The directory to write (``-o``, or the input itself with ``--in-place``), checked before any work."""
+    if output is None and not in_place:
         raise BadInputError("pass -o OUT (output directory) or --in-place")
-    return output
+    return check_output(model, output, in_place=in_place, force=force)
 
 
 def render(result) -> str:
@@ -83,17 +81,22 @@ def register(app: typer.Typer) -> None:
           seqtool convert ./llama --to gqa --kv-heads 4 --grouping key --calib notes.txt -o ./llama-gqa4
           seqtool convert ref --to gqa --kv-heads 2 --recover distill --run-dir run-gqa2 -o ref-gqa2-distill
         """
+        check_model(model)  # validation follows the command line: model, --to, options, output
         from seqtool.convert import convert
+        from seqtool.convert.base import make_conversion
 
         options = {}
         if to == "gqa":
-            if kv_heads is None:
-                raise BadInputError("--to gqa needs --kv-heads N")
             options = {"kv_heads": kv_heads, "grouping": grouping}
-        out = resolve_output(model, output, in_place)
-        log(f"converting {model} -> {to} ...")
-        result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                         recover=recover, steps=steps, run_dir=run_dir, resume=resume,
-                         progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype, device=device,
-                         **options)
+        if to == "prune":
+            raise BadInputError("pruning has its own command: seqtool prune MODEL --ratio R -o OUT")
+        make_conversion(to, options)  # unknown --to, missing options: one line, before loading anything
+        if recover not in (None, "none", "lora", "full", "distill"):
+            raise BadInputError(f"unknown --recover '{recover}'; use lora, full or distill, or leave it out")
+        out = resolve_output(model, output, in_place, force)
+        with working(f"converting {model} -> {to}"):
+            result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                             recover=recover, steps=steps, run_dir=run_dir, resume=resume,
+                             progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype,
+                             device=device, **options)
         emit(result, json_out, render)

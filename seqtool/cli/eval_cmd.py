@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli import common
-from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, emit, handle_errors, table
+from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
 from seqtool.utils import parse_length_list
 
 
@@ -33,7 +33,10 @@ def render(result) -> str:
         parts.append(f"compared with {result.baseline.model}:\n" + table(
             [(d.task, d.seq_len, _fmt_depth(d.depth), d.metric, f"{d.value:.4g}", f"{d.baseline:.4g}", f"{d.delta:+.4g}")
              for d in result.deltas], ["task", "seq_len", "depth", "metric", "value", "baseline", "delta"]))
-    parts.append(f"{result.model}: {result.seconds:.1f} s")
+    lengths = ", ".join(str(L) for L in result.seq_lens)
+    parts.append(f"eval of {result.model}: {result.seconds:.1f} s in total ({', '.join(result.tasks)} at {lengths} "
+                 "tokens" + (f"; ppl text: {result.ppl[0].data}, {result.ppl[0].tokens} tokens scored" if result.ppl
+                             else "") + ")")
     return "\n\n".join(parts)
 
 
@@ -88,11 +91,15 @@ def register(app: typer.Typer) -> None:
           seqtool eval ref --task all --seq-len 2k
           seqtool eval ./gqa-ref --task passkey --seq-len 1k,2k --compare ref --json
         """
+        check_model(model)
+        if compare is not None:
+            check_model(compare)  # checked now, not after the main evaluation
+        seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)
         from seqtool.eval import evaluate
 
         with ExitStack() as stack:
-            result = evaluate(model, task, seq_lens=parse_length_list(seq_len), samples=samples,
-                              depths=_floats(depths), seed=seed, batch=batch, attn=attn, data=data, stride=stride,
+            result = evaluate(model, task, seq_lens=seq_lens, samples=samples,
+                              depths=depth_list, seed=seed, batch=batch, attn=attn, data=data, stride=stride,
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,
                               progress=_Bars(stack))
         emit(result, json_out, render)

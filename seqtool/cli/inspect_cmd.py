@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from seqtool.cli.common import JsonOpt, ModelArg, emit, handle_errors, table
+from seqtool.cli.common import JsonOpt, ModelArg, check_model, emit, handle_errors, table
 from seqtool.utils import format_bytes, format_count
 
 
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
           seqtool inspect llama-3.1-8b
           seqtool inspect ./my-checkpoint --json
         """
+        check_model(model)
         from seqtool.arch.inspect import inspect_model
 
         emit(inspect_model(model), json_out, render)

@@ -5,8 +5,9 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
-                                handle_errors, log, table)
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
+                                check_output, emit, handle_errors, working, table)
+from seqtool.errors import BadInputError
 
 
 def render(result) -> str:
@@ -47,12 +48,16 @@ def register(app: typer.Typer) -> None:
 
         Examples:
           seqtool patch ref --method block_topk --budget 0.25 --set min_len=0 -o ref-bt
-          seqtool patch ref --method streaming --budget 512 --dense-layers 0 --report
+          seqtool patch ref --method streaming --budget 256 --dense-layers 0 --report --probe-tokens 2048
         """
+        check_model(model)
+        if output is None and not in_place and not report:
+            raise BadInputError("pass -o OUT (output directory), --in-place, or --report")
+        check_output(model, output, in_place=in_place, force=force)
         from seqtool.patches.checkpoint import patch_checkpoint
 
-        log(f"patching {model} with {method} ...")
-        result = patch_checkpoint(model, method, budget=budget, dense_layers=dense_layers, set_options=set_,
-                                  output=output, force=force, in_place=in_place, report=report,
-                                  probe_tokens=probe_tokens, dtype=dtype, device=device)
+        with working(f"patching {model} with {method}"):
+            result = patch_checkpoint(model, method, budget=budget, dense_layers=dense_layers, set_options=set_,
+                                      output=output, force=force, in_place=in_place, report=report,
+                                      probe_tokens=probe_tokens, dtype=dtype, device=device)
         emit(result, json_out, render)

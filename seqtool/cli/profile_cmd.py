@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, emit, handle_errors, log,
-                                progress)
+from seqtool.cli.common import (AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors,
+                                log, progress)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,20 +29,28 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
         csv_path: Annotated[str | None, typer.Option("--csv", help="Also write the rows to this CSV file.", show_default=False)] = None,
         plot_path: Annotated[str | None, typer.Option("--plot", help="Also plot latency/memory against length to this PNG (needs matplotlib, the plot extra).", show_default=False)] = None,
+        max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Skip lengths estimated (from FLOPs and a measured rate) to take longer than this.", show_default=False)] = None,
     ) -> None:
         """Measure prefill and decode latency, peak memory, KV-cache bytes and FLOPs at one or more lengths.
 
         On CPU every length runs in its own process (clean peak-RSS, OOM kills caught). Lengths that run out of
-        memory show OOM and the sweep goes on; lengths estimated not to fit are skipped with the estimate.
+        memory show OOM and the sweep goes on; lengths estimated not to fit (or, with --max-seconds, to take
+        longer) are skipped with the estimate. A failed measurement exits 1 with its error on stderr.
 
         Examples:
           seqtool profile tiny-llama --seq-len 2k --decode-tokens 16
           seqtool profile llama-3.1-8b --sweep 8k,16k,32k --breakdown --json
           seqtool profile ./ckpt --compare ./ckpt-gqa --sweep 1k,4k --csv out.csv --plot out.png
+          seqtool profile llama-3.2-1b --sweep 4k,16k,32k --max-seconds 120
         """
+        check_model(model)
+        if compare is not None:
+            check_model(compare)
         from seqtool.profile.report import check_output_path, render, require_matplotlib, write_csv, write_plot
+        from seqtool.errors import SeqtoolError
+        from seqtool.profile.results import ERROR
         from seqtool.profile.run import profile_model
-        from seqtool.utils import parse_length_list
+        from seqtool.utils import format_bytes, parse_length_list
 
         if csv_path:
             check_output_path(csv_path, "--csv")
@@ -56,10 +64,13 @@ def register(app: typer.Typer) -> None:
                 status = row.status if row.status != "ok" else f"prefill {row.prefill_median_s:.3g} s"
                 log(f"{source} @ {row.seq_len}: {status}")
 
+            def on_start(source, length, seconds, memory):
+                log(f"{source} @ {length}: starting, estimated ~{seconds:.3g} s and ~{format_bytes(memory)}")
+
             report = profile_model(model, seq_len=seq_len, sweep=sweep, batch=batch, decode_tokens=decode_tokens,
                                    dtype=dtype, device=device, warmup=warmup, repeats=repeats, attn=attn,
                                    breakdown=breakdown, compare=compare, threads=threads,
-                                   progress=on_row)
+                                   progress=on_row, max_seconds=max_seconds, on_start=on_start)
         if csv_path:
             write_csv(report, csv_path)
             log(f"wrote {csv_path}")
@@ -67,3 +78,7 @@ def register(app: typer.Typer) -> None:
             write_plot(report, plot_path)
             log(f"wrote {plot_path}")
         emit(report, json_out, render)
+        failed = [(m.source, r) for m in report.models for r in m.rows if r.status == ERROR]
+        if failed:
+            source, row = failed[0]
+            raise SeqtoolError(f"profiling {source} at {row.seq_len} tokens failed: {row.note}")

@@ -5,9 +5,9 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
-                                handle_errors, log)
-from seqtool.cli.common import is_quiet
+from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
+                                emit, handle_errors, is_quiet, working)
+from seqtool.errors import BadInputError
 from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, ResumeOpt, RunDirOpt, SamplesOpt, SeedOpt, SeqLenOpt,
                                      StepsOpt, render, resolve_output)
 
@@ -43,13 +43,20 @@ def register(app: typer.Typer) -> None:
           seqtool prune ref --ratio 0.3 -o ref-pruned
           seqtool prune ./llama --ratio 0.2 --round-to 64 --recover lora --steps 200 -o ./llama-p20
         """
+        check_model(model)
+        if ratio == 0:
+            raise BadInputError("--ratio 0 removes nothing (the output would be an unchanged copy); use a ratio in (0, 1)")
+        if not 0 < ratio < 1:
+            raise BadInputError(f"--ratio must be in (0, 1), got {ratio:g}")
+        if recover not in (None, "none", "lora", "full", "distill"):
+            raise BadInputError(f"unknown --recover '{recover}'; use lora, full or distill, or leave it out")
+        out = resolve_output(model, output, in_place, force)
         from seqtool.convert.prune import prune_model
 
-        out = resolve_output(model, output, in_place)
-        log(f"pruning {ratio:g} of {model} ({criterion}) ...")
-        result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
-                             gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                             recover=recover, steps=steps, run_dir=run_dir, resume=resume,
-                             progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype,
-                             device=device)
+        with working(f"pruning {ratio:g} of {model} ({criterion})"):
+            result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
+                                 gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+                                 recover=recover, steps=steps, run_dir=run_dir, resume=resume,
+                                 progress="off" if is_quiet() else "auto", force=force, in_place=in_place,
+                                 dtype=dtype, device=device)
         emit(result, json_out, render)

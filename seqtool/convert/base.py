@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,10 +166,13 @@ def make_conversion(to: str, options: dict) -> Conversion:
     unknown = sorted(set(options) - names)
     if unknown:
         raise BadInputError(f"'{to}' does not take option(s) {', '.join(unknown)}; it takes {', '.join(sorted(names))}")
-    try:
-        return cls(**options)
-    except TypeError as exc:  # a required option is missing
-        raise BadInputError(f"'{to}': {exc}") from None
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if options.get(n) is None]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise BadInputError(f"--to {to} needs {flags}")
+    return cls(**options)
 
 
 def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer: Any = None,
@@ -189,6 +191,7 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     default; ``run_dir``/``resume`` make the recovery resumable). Conversion-specific ``options`` go to the
     conversion's dataclass.
     """
+    from seqtool.arch.io import ADAPTER_TMP_PREFIX, temp_name
     from seqtool.convert import calib as calib_mod
 
     started = time.perf_counter()
@@ -199,11 +202,16 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     recover = None if recover in (None, "none") else recover
     if recover is not None and recover not in ("lora", "full", "distill"):
         raise BadInputError(f"unknown recovery '{recover}'; use lora, full or distill, or leave it out")
-    if output is not None:
-        from seqtool.arch.io import prepare_output
+    from seqtool.arch.io import prepare_output, resolve_dtype, resolve_source
 
-        loaded_path = Path(model).expanduser() if isinstance(model, (str, Path)) and Path(model).expanduser().is_dir() else None
-        prepare_output(output, force=force, in_place=in_place, source_dir=loaded_path)  # fail before any work
+    save_dtype = resolve_dtype(dtype)
+    if output is not None:
+        source_dir = None
+        if isinstance(model, (str, Path)):
+            resolved = resolve_source(str(model))  # an unknown model is reported before output problems
+            source_dir = resolved if isinstance(resolved, Path) else None
+        prepare_output(output, force=force, in_place=in_place, source_dir=source_dir,
+                       source=str(model) if isinstance(model, (str, Path)) else None)  # fail before any work
     loaded = _as_loaded(model, tokenizer, dtype, device)
     net = loaded.model
     spec = get_family(net)
@@ -236,8 +244,8 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
         if output is not None and recover == "lora":
             out_parent = Path(output).expanduser().resolve().parent
             out_parent.mkdir(parents=True, exist_ok=True)
-            adapter_tmp = Path(tempfile.mkdtemp(prefix=".seqtool-adapter-", dir=out_parent))
-            shutil.rmtree(adapter_tmp)  # peft writes the directory itself
+            adapter_tmp = out_parent / temp_name(ADAPTER_TMP_PREFIX)
+            adapter_tmp.mkdir()
         recovery = run_recovery(net, loaded.tokenizer, recover, kinds=conversion.changed_kinds, teacher=teacher,
                                 steps=steps, seed=seed, adapter_dir=adapter_tmp, run_dir=run_dir, resume=resume,
                                 progress=progress, **(recover_options or {}))
@@ -254,13 +262,14 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                            "data_fingerprint": recovery.data_fingerprint, "final_loss": recovery.loss_end}
     out_path = None
     if output is not None:
-        from seqtool.arch.io import save_model
+        from seqtool.arch.io import apply_umask, save_model
 
         try:
             out_path = save_model(net, loaded.tokenizer, output, step=step, force=force, in_place=in_place,
-                                  source_dir=loaded.path)
+                                  source_dir=loaded.path, dtype=save_dtype or loaded.source_dtype)
             if adapter_tmp is not None:
                 shutil.move(str(adapter_tmp), str(out_path / ADAPTER_DIR))
+                apply_umask(out_path / ADAPTER_DIR)
                 recovery.adapter_dir = str(out_path / ADAPTER_DIR)
         finally:
             if adapter_tmp is not None and adapter_tmp.exists():

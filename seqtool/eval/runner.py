@@ -112,6 +112,10 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
         raise BadInputError("--samples and --batch must be at least 1")
     if any(not 0 <= d <= 1 for d in depths) or not depths:
         raise BadInputError("--depths must be numbers in [0, 1], e.g. 0,0.5,1")
+    if isinstance(compare, (str, Path)):
+        from seqtool.arch.paths import check_source
+
+        check_source(str(compare))  # a bad --compare is reported before the main evaluation, not after it
     progress = progress or _noop_progress
     t0 = time.time()
     m, tok, name = _load(model, tokenizer, dtype=dtype, device=device, attn=attn)

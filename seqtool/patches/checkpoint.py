@@ -5,6 +5,7 @@ The weights are unchanged; the recipe step (``op: patch, runtime: true``) carrie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from seqtool.errors import BadInputError
@@ -38,6 +39,14 @@ def patch_checkpoint(source: str, method: str, *, budget: str | float | None = N
         options["budget"] = budget
     if dense_layers is not None:
         options["dense_layers"] = dense_layers
+    target = None
+    if output is not None or in_place:
+        from seqtool.arch.paths import check_source, in_place_target, prepare_output
+
+        target = output if output is not None else in_place_target(source)
+        resolved = check_source(source)
+        prepare_output(target, force=force, in_place=in_place, source=source,
+                       source_dir=resolved if isinstance(resolved, Path) else None)  # before loading anything
     loaded = load_model(source, dtype=dtype, device=device, apply_recipe=False)
     model = loaded.model
     handle = apply_patch(model, method, **options)  # validates every option before anything is written
@@ -45,8 +54,9 @@ def patch_checkpoint(source: str, method: str, *, budget: str | float | None = N
     handle.remove()
     rep = patch_report(model, method, options, probe_tokens=probe_tokens) if report else None
     out = None
-    if output is not None or in_place:
-        target = output if output is not None else source
+    if target is not None:
+        from seqtool.arch.io import resolve_dtype
+
         out = str(save_model(model, loaded.tokenizer, target, step=step, force=force, in_place=in_place,
-                             source_dir=loaded.path))
+                             source_dir=loaded.path, dtype=resolve_dtype(dtype) or loaded.source_dtype))
     return PatchResult(source, method, spec, step["options"], out, rep)

@@ -45,6 +45,34 @@ def estimate_memory(config, *, weight_bytes: int, bytes_per_element: int, batch:
     return MemoryEstimate(weight_bytes, kv, max(attention_phase, mlp_phase) + logits)
 
 
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int = 512, repeats: int = 3) -> float:
+    """This device's dense matmul rate (FLOP/s) in ``dtype``: best of a few ``size``³ products (~10 ms on CPU)."""
+    import time
+
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / max(best, 1e-9)
+
+
+def estimate_seconds(prefill_flops: int, params: int, *, batch: int, decode_tokens: int, warmup: int, repeats: int,
+                     flops_per_s: float) -> float:
+    """Seconds a profiled length should take: ``warmup + repeats`` prefills plus the decode steps (2 per warmup
+    round and ``decode_tokens``), each decode step ~``2 · params · batch`` FLOPs. A model runs below the matmul
+    rate, so this is a lower bound of the right order, for ``--max-seconds`` and the log line."""
+    decode_steps = decode_tokens + 2 * warmup
+    return ((warmup + repeats) * prefill_flops + decode_steps * 2 * params * batch) / flops_per_s
+
+
 def available_bytes(device: torch.device) -> int:
     """Memory a new allocation can use now: free GPU memory, or the OS's available RAM."""
     device = torch.device(device)

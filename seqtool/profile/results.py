@@ -33,6 +33,7 @@ class LengthResult:
     prefill_flops: int | None = None
     prefill_tflops: float | None = None
     estimated_memory_bytes: int | None = None
+    estimated_seconds: float | None = None  # from FLOPs and a measured matmul rate (see profile.estimate)
     available_memory_bytes: int | None = None
     breakdown_s: dict[str, float] | None = None
 

@@ -23,6 +23,8 @@ from seqtool.utils import format_bytes, parse_length, parse_length_list
 
 DEFAULT_SEQ_LEN = 2048
 Progress = Callable[[str, LengthResult], None]
+# on_start(source, seq_len, estimated seconds, estimated memory bytes), before a length is measured
+OnStart = Callable[[str, int, float, int], None]
 
 
 def _validate(seq_len, sweep, batch, decode_tokens, warmup, repeats) -> list[int]:
@@ -115,9 +117,10 @@ class _Profiler:
     """Profiles one model over the lengths (in process, or one subprocess per length)."""
 
     def __init__(self, source: str, settings: dict, device: torch.device, *, isolate: bool, check_memory: bool,
-                 clock, progress: Progress | None):
+                 clock, progress: Progress | None, on_start: OnStart | None = None, max_seconds: float | None = None):
         self.source, self.s, self.device = source, settings, device
         self.isolate, self.check_memory, self.clock, self.progress = isolate, check_memory, clock, progress
+        self.on_start, self.max_seconds = on_start, max_seconds
         dtype = _effective_dtype(source, settings["dtype"], device)
         if isolate:
             # shapes only: the subprocesses load the weights
@@ -135,6 +138,7 @@ class _Profiler:
             source=source, family=get_family(self.model).family, params=sum(p.numel() for p in params),
             weight_bytes=self.weight_bytes, dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), device=str(device),
             attn=settings["attn"] or str(getattr(self.config, "_attn_implementation", None) or "sdpa"))
+        self.rate = est.matmul_flops_per_s(device, self.dtype)
 
     def run(self, lengths: list[int]) -> ModelProfile:
         for seq_len in lengths:
@@ -160,8 +164,18 @@ class _Profiler:
                                     note=f"needs ~{format_bytes(needed)} (estimate), {format_bytes(available)} "
                                          f"available on {self.device.type}: not run",
                                     estimated_memory_bytes=estimate.total, available_memory_bytes=available)
+        seconds = est.estimate_seconds(prefill_flops(self.shape, s["batch"], seq_len), self.info.params,
+                                       batch=s["batch"], decode_tokens=s["decode_tokens"], warmup=s["warmup"],
+                                       repeats=s["repeats"], flops_per_s=self.rate)
+        if self.max_seconds is not None and seconds > self.max_seconds:
+            return LengthResult(seq_len, s["batch"], status=SKIPPED,
+                                note=f"estimated ~{seconds:.3g} s > --max-seconds {self.max_seconds:g}: not run",
+                                estimated_memory_bytes=estimate.total, estimated_seconds=float(f"{seconds:.3g}"))
+        if self.on_start is not None:
+            self.on_start(self.source, seq_len, seconds, estimate.total)
         row = self._measure_isolated(seq_len) if self.isolate else self._measure_here(seq_len)
         row.estimated_memory_bytes = estimate.total
+        row.estimated_seconds = float(f"{seconds:.3g}")
         return row
 
     def _measure_here(self, seq_len: int) -> LengthResult:
@@ -200,8 +214,9 @@ class _Profiler:
 
             cls = getattr(errors, result["error"]["type"], SeqtoolError)
             raise cls(result["error"]["message"])
+        last = (outcome.stderr_tail.strip().splitlines() or ["no output"])[-1][:200]
         return LengthResult(seq_len, s["batch"], status=ERROR,
-                            note=f"measurement process failed (exit {outcome.returncode}): {outcome.stderr_tail[-300:]}")
+                            note=f"measurement process failed (exit {outcome.returncode}): {last}")
 
     def _derive(self, row: LengthResult) -> None:
         row.kv_cache_bytes_dense = analytic_kv_bytes(self.config, tokens=row.seq_len, batch=row.batch,
@@ -216,7 +231,8 @@ def profile_model(source: str, *, seq_len: int | str | None = None, sweep: str |
                   warmup: int = 1, repeats: int = 3, attn: str | None = None, breakdown: bool = False,
                   compare: str | None = None, threads: int | None = None, isolate: bool | None = None,
                   check_memory: bool = True,
-                  clock: Callable[[], float] | None = None, progress: Progress | None = None) -> ProfileReport:
+                  clock: Callable[[], float] | None = None, progress: Progress | None = None,
+                  max_seconds: float | None = None, on_start: OnStart | None = None) -> ProfileReport:
     """Profile ``source`` (and ``compare``, with ratios) at ``seq_len`` or each length of ``sweep``.
 
     Per length: prefill median/p90, time to first token, cached decode s/token and tokens/s, peak memory,
@@ -224,7 +240,10 @@ def profile_model(source: str, *, seq_len: int | str | None = None, sweep: str |
     ``threads`` sets torch's CPU threads for the measurement (restored afterwards); ``isolate`` (default: on
     CPU) runs each length in a fresh subprocess; ``clock`` replaces
     ``time.perf_counter`` (in-process only); ``progress(source, row)`` is called after every row.
-    Lengths that run out of memory give an ``oom`` row; lengths estimated not to fit give a ``skipped`` row.
+    Lengths that run out of memory give an ``oom`` row; lengths estimated not to fit, or (``max_seconds``) to
+    take longer than that, give a ``skipped`` row. ``on_start(source, seq_len, seconds, bytes)`` is called
+    with the estimates before each length is measured. A measurement that fails gives an ``error`` row
+    (the CLI then exits 1).
     """
     lengths = _validate(seq_len, sweep, batch, decode_tokens, warmup, repeats)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -232,6 +251,8 @@ def profile_model(source: str, *, seq_len: int | str | None = None, sweep: str |
     resolve_dtype(dtype)
     target = resolve_device(device)
     _check_attn(attn)
+    if max_seconds is not None and not max_seconds > 0:
+        raise BadInputError(f"--max-seconds must be positive, got {max_seconds}")
     isolate = target.type == "cpu" if isolate is None else isolate
     if isolate and clock is not None:
         raise BadInputError("an injected clock only works in-process (isolate=False)")
@@ -245,7 +266,7 @@ def profile_model(source: str, *, seq_len: int | str | None = None, sweep: str |
         models = []
         for name in [source] + ([compare] if compare else []):
             profiler = _Profiler(name, settings, target, isolate=isolate, check_memory=check_memory, clock=clock,
-                                 progress=progress)
+                                 progress=progress, on_start=on_start, max_seconds=max_seconds)
             models.append(profiler.run(lengths))
             del profiler
             if target.type == "cuda":

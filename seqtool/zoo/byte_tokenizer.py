@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
-
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 BYTE_VOCAB_SIZE = 320  # 4 specials + 256 bytes, rounded up so embeddings stay aligned
 
 
 @lru_cache(maxsize=1)
-def _byte_level_backend() -> Tokenizer:
+def _byte_level_backend():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # lazy: CLI start-up stays fast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for symbol in sorted(alphabet):
@@ -28,8 +27,10 @@ def _byte_level_backend() -> Tokenizer:
     return backend
 
 
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+def byte_level_tokenizer():
     """A fresh ``PreTrainedTokenizerFast`` over bytes (adds ``<s>`` at the start of each sequence)."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_byte_level_backend(), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", model_max_length=1 << 20,

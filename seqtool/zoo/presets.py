@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-
 from seqtool.errors import BadInputError
 from seqtool.zoo.byte_tokenizer import BYTE_VOCAB_SIZE, byte_level_tokenizer
+
+# torch / transformers are imported inside the functions that build models: the CLI checks preset names
+# (``is_preset``) before anything heavy is imported.
 
 REF_DIR = Path(__file__).parent / "ref"
 
@@ -81,17 +81,24 @@ def preset_config(name: str):
     else:
         raise BadInputError(f"unknown preset '{name}'; presets: {', '.join(preset_names())}")
     model_type = values.pop("model_type")
+    from transformers import AutoConfig
+
     return AutoConfig.for_model(model_type, **values)
 
 
-def default_preset_dtype(name: str) -> torch.dtype:
+def default_preset_dtype(name: str) -> "torch.dtype":
     """Tiny presets are fp32; real-shape presets are bf16 like the public checkpoints."""
+    import torch
+
     return torch.float32 if name in TINY_PRESETS else torch.bfloat16
 
 
-def build_preset(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 meta: bool = False) -> tuple[PreTrainedModel, Any]:
+def build_preset(name: str, *, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu",
+                 meta: bool = False) -> tuple[Any, Any]:
     """Build a random-weight preset (seed 0) directly on ``device``; ``meta=True`` allocates nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = preset_config(name)
     dtype = dtype or default_preset_dtype(name)
     target = torch.device("meta") if meta else torch.device(device)

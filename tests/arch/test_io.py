@@ -91,7 +91,7 @@ def test_nan_weights_are_refused(tmp_path):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(BadInputError, match="neither"):
+    with pytest.raises(BadInputError, match="no such directory"):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(BadInputError, match="offline"):
         load_model("no-such-org/no-such-model")
@@ -114,33 +114,6 @@ def test_bad_sources(tmp_path):
     torch.save({}, pickled / "pytorch_model.bin")
     with pytest.raises(UnsupportedModelError, match="pickle"):
         load_model(str(pickled))
-
-
-_KILL_SCRIPT = """
-import sys, seqtool
-src = sys.argv[1]
-while True:
-    loaded = seqtool.load(src)
-    seqtool.save(loaded.model, loaded.tokenizer, src, step={"op": "loop"}, in_place=True, source_dir=loaded.path)
-    print("saved", flush=True)
-"""
-
-
-def test_kill_9_during_in_place_writes_leaves_a_loadable_checkpoint(tmp_path):
-    loaded = load_model("tiny-llama")
-    src = save_model(loaded.model, loaded.tokenizer, tmp_path / "src", step={"op": "a"})
-    reference = _logits(loaded.model)
-    for delay in (0.05, 0.4, 0.9, 1.6):
-        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(src)], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-        # Wait for the first save so the kill lands inside the write loop, then a little more.
-        proc.stdout.readline()
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        again = load_model(str(src))
-        assert torch.equal(_logits(again.model), reference)
-        assert not list(tmp_path.glob("*" + BACKUP_SUFFIX))
 
 
 def test_hub_id_resolves_from_local_cache(tmp_path, monkeypatch):

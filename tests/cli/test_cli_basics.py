@@ -38,7 +38,7 @@ def test_inspect_real_shape_counts():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["inspect", "/no/such/dir"], "neither a local checkpoint"),
+    (["inspect", "/no/such/dir"], "no such directory"),
     (["inspect", "tiny-gpt"], "presets:"),
     (["inspect", "someorg/somemodel"], "offline"),
 ])
