@@ -1,0 +1,82 @@
+"""Chunked gated linear attention in PyTorch, differentiable by autograd.
+
+Per chunk of C tokens with in-chunk cumulative log-decays b_i = g_1 + ... + g_i (<= 0, non-increasing):
+
+    out_i   = scale * [ (q_i * e^{b_i}) S + sum_{j <= i} A_ij v_j ],   A_ij = sum_d q_id k_jd e^{b_id - b_jd}
+    S_next  = e^{b_C} * S + sum_j (k_j * e^{b_C - b_j})^T v_j
+
+Every exponent is <= 0, so nothing overflows however strong the decay. With one decay per head (Mamba2,
+Lightning) A = (Q K^T) * exp(b_i - b_j). With a decay per key dimension (GLA) A is built from sub-chunks of
+<= 16 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, earlier sub-blocks with the decay split
+at the sub-chunk boundary (q_i e^{b_i - r}, k_j e^{r - b_j}, both exponents <= 0). All chunks are batched; only
+the state recurrence loops, once per chunk. Peak memory is O(T (C + Dk Dv / C)), never T x T.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._common import cdiv
+
+
+def _sub_size(C: int) -> int:
+    return max(d for d in range(1, min(16, C) + 1) if C % d == 0)
+
+
+def _intra_per_dim(qf, kf, b, C):
+    """A (B, H, N, C, C) for per-dimension decays b (B, H, N, C, Dk)."""
+    B, H, N, _, Dk = qf.shape
+    c = _sub_size(C)
+    ns = C // c
+    dev = qf.device
+    qs, ks, bs = (x.view(B, H, N, ns, c, Dk) for x in (qf, kf, b))
+    tri = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    e = torch.exp((bs[..., :, None, :] - bs[..., None, :, :]).masked_fill(~tri[..., None], float("-inf")))
+    diag = (qs[..., :, None, :] * e * ks[..., None, :, :]).sum(-1)  # (B, H, N, ns, c, c)
+    rows = [F.pad(diag[:, :, :, 0], (0, C - c))]
+    if ns > 1:
+        r = bs[..., -1, :][:, :, :, :-1]  # (B, H, N, ns-1, Dk): b at the end of sub-chunk I-1, for I = 1..ns-1
+        qt = qs[:, :, :, 1:] * torch.exp(bs[:, :, :, 1:] - r[..., None, :])
+        kt = kf[:, :, :, None] * torch.exp((r[..., None, :] - b[:, :, :, None]).clamp(max=0))
+        off = qt @ kt.transpose(-1, -2)  # (B, H, N, ns-1, c, C); columns >= start(I) are dropped below
+        for i in range(1, ns):
+            s = i * c
+            rows.append(torch.cat([off[:, :, :, i - 1, :, :s], diag[:, :, :, i], off.new_zeros(B, H, N, c, C - s - c)],
+                                  -1))
+    return torch.cat(rows, -2)
+
+
+def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None):
+    """Same math as reference.gated_linear_attn_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    C = min(chunk, max(T, 1))
+    N = max(cdiv(T, C), 1)
+    pad = N * C - T
+    per_dim = log_decay.dim() == 4
+    qf = F.pad(q.float(), (0, 0, 0, pad)).view(B, H, N, C, Dk)
+    kf = F.pad(k.float(), (0, 0, 0, pad)).view(B, H, N, C, Dk)
+    vf = F.pad(v.float(), (0, 0, 0, pad)).view(B, H, N, C, Dv)
+    if per_dim:
+        b = F.pad(log_decay.float(), (0, 0, 0, pad)).view(B, H, N, C, Dk).cumsum(3)
+        blast = b[:, :, :, -1:]  # (B, H, N, 1, Dk)
+        A = _intra_per_dim(qf, kf, b, C)
+        qg, kg = qf * torch.exp(b), kf * torch.exp(blast - b)
+        chunk_decay = torch.exp(blast).transpose(-1, -2)  # (B, H, N, Dk, 1)
+    else:
+        b = F.pad(log_decay.float(), (0, pad)).view(B, H, N, C).cumsum(3)
+        blast = b[..., -1:]
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        A = (qf @ kf.transpose(-1, -2)) * torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~causal,
+                                                                                                      float("-inf")))
+        qg, kg = qf * torch.exp(b)[..., None], kf * torch.exp(blast - b)[..., None]
+        chunk_decay = torch.exp(blast)[..., None]  # (B, H, N, 1, 1)
+    dS = kg.transpose(-1, -2) @ vf  # (B, H, N, Dk, Dv)
+    S = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
+    states = []
+    for n in range(N):
+        states.append(S)
+        S = torch.addcmul(dS[:, :, n], S, chunk_decay[:, :, n])
+    before = torch.stack(states, 2)
+    out = (A @ vf + qg @ before) * scale
+    return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
