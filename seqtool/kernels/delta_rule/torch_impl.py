@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .._common import cdiv
 
 
-def delta_rule_torch(q, k, v, beta, *, log_decay=None, chunk=64, scale=1.0, initial_state=None):
+def _delta_rule_torch_segment(q, k, v, beta, *, log_decay=None, chunk=64, scale=1.0, initial_state=None):
     """Same math as reference.delta_rule_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -69,3 +69,24 @@ def delta_rule_torch(q, k, v, beta, *, log_decay=None, chunk=64, scale=1.0, init
     before = torch.stack(states, 2)
     out = (A @ Ut + qp @ before) * scale
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
+
+
+def delta_rule_torch(q, k, v, beta, *, log_decay=None, chunk=64, scale=1.0, initial_state=None, segment=1024):
+    """Same math as reference.delta_rule_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32).
+
+    Runs segments of ~``segment`` tokens one after the other, carrying the state, so every intermediate has a
+    fixed size and the time per token does not grow with T (large fresh buffers page-fault on CPU).
+    """
+    T = q.shape[2]
+    seg = max(chunk, segment // chunk * chunk)
+    if T <= seg:
+        return _delta_rule_torch_segment(q, k, v, beta, log_decay=log_decay, chunk=chunk, scale=scale,
+                                         initial_state=initial_state)
+    outs, state = [], initial_state
+    for t0 in range(0, T, seg):
+        sl = slice(t0, t0 + seg)
+        o, state = _delta_rule_torch_segment(q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl],
+                                             log_decay=None if log_decay is None else log_decay[:, :, sl],
+                                             chunk=chunk, scale=scale, initial_state=state)
+        outs.append(o)
+    return torch.cat(outs, 2), state

@@ -7,7 +7,7 @@ Per chunk of C tokens with in-chunk cumulative log-decays b_i = g_1 + ... + g_i 
 
 Every exponent is <= 0, so nothing overflows however strong the decay. With one decay per head (Mamba2,
 Lightning) A = (Q K^T) * exp(b_i - b_j). With a decay per key dimension (GLA) A is built from sub-chunks of
-<= 16 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, earlier sub-blocks with the decay split
+<= 8 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, earlier sub-blocks with the decay split
 at the sub-chunk boundary (q_i e^{b_i - r}, k_j e^{r - b_j}, both exponents <= 0). All chunks are batched; only
 the state recurrence loops, once per chunk. Peak memory is O(T (C + Dk Dv / C)), never T x T.
 """
@@ -20,7 +20,7 @@ from .._common import cdiv
 
 
 def _sub_size(C: int) -> int:
-    return max(d for d in range(1, min(16, C) + 1) if C % d == 0)
+    return max(d for d in range(1, min(8, C) + 1) if C % d == 0)
 
 
 def _intra_per_dim(qf, kf, b, C):
@@ -46,7 +46,7 @@ def _intra_per_dim(qf, kf, b, C):
     return torch.cat(rows, -2)
 
 
-def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None):
+def _gated_linear_attn_torch_segment(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None):
     """Same math as reference.gated_linear_attn_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -80,3 +80,23 @@ def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_
     before = torch.stack(states, 2)
     out = (A @ vf + qg @ before) * scale
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
+
+
+def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None, segment=1024):
+    """Same math as reference.gated_linear_attn_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32).
+
+    Runs segments of ~``segment`` tokens one after the other, carrying the state, so every intermediate has a
+    fixed size and the time per token does not grow with T (large fresh buffers page-fault on CPU).
+    """
+    T = q.shape[2]
+    seg = max(chunk, segment // chunk * chunk)
+    if T <= seg:
+        return _gated_linear_attn_torch_segment(q, k, v, log_decay, chunk=chunk, scale=scale,
+                                                initial_state=initial_state)
+    outs, state = [], initial_state
+    for t0 in range(0, T, seg):
+        sl = slice(t0, t0 + seg)
+        o, state = _gated_linear_attn_torch_segment(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_decay[:, :, sl],
+                                                    chunk=chunk, scale=scale, initial_state=state)
+        outs.append(o)
+    return torch.cat(outs, 2), state
