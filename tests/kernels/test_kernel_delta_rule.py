@@ -13,6 +13,15 @@ from seqtool.kernels.testing import assert_close
 NAMES = ("out", "final_state", "dq", "dk", "dv", "dbeta", "ds0", "dlog_decay")
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Thousands of tiny ops (the reference and step loops): a second thread only adds sync cost on a busy box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _inputs(B, H, T, Dk, Dv, dtype, gated, seed=0, strength=1.0):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, H, T, Dk, generator=g) / Dk ** 0.5).to(dtype).requires_grad_()
@@ -59,8 +68,8 @@ def _compare(ref, got, tol, what):
 CASES = [
     (2, 2, 63, 64, 64, torch.float32, True, 16),
     (1, 2, 257, 60, 32, torch.float32, False, 64),
-    (2, 1, 100, 128, 128, torch.float32, True, 64),
-    (2, 2, 130, 64, 48, torch.bfloat16, True, 32),
+    (1, 1, 100, 128, 128, torch.float32, True, 64),
+    (1, 2, 130, 64, 48, torch.bfloat16, True, 32),
 ]
 
 
