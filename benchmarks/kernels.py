@@ -413,6 +413,7 @@ def run_cpu(sink, timer, quick: bool):
 def run_cpu_gated(sink, timer, quick: bool):
     """The gated-kernel rows alone (``--only gated``): B1 H8 D64 fp32."""
     dev, dt = torch.device("cpu"), torch.float32
+    sink.meta["timing_gated"] = f"gated rows: median of {timer.reps} interleaved rounds"
     Ts = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]
     bench_gated_scaling(sink, timer, dev, dt, 1, 8, 64, Ts)
     bench_gated_train(sink, timer, dev, dt, 1, 8, 64, 4096)

@@ -7,8 +7,9 @@ backward walks the chunks in reverse: it recomputes the chunk's per-token states
 small per-program scratch buffer, then runs the exact reverse-mode recurrence token by token (dS carried in
 registers). Gradients that sum over value columns (dq, dk, dbeta, dg) are written per Dv block and summed
 outside. Every product is elementwise + row/column sums in fp32 (no tl.dot), so bf16 inputs are exact in the
-interpreter too. This is the fused-recurrent form (FLA's ``fused_recurrent``); it is not the tensor-core
-chunked form.
+interpreter too. This is the fused-recurrent form (FLA's ``fused_recurrent``), not the tensor-core chunked form;
+only gated linear attention with one decay per token and head (and a power-of-two chunk) has a chunked forward
+(_gla_chunk_fwd, tl.dot per chunk), which writes the same checkpoints for the same backward.
 
 Per token, with a = exp(g_t) (a scalar, or a vector over Dk for GLA), state S (Dk, Dv):
     S' = a * S ;  gated linear: S_t = S' + k^T v ;  delta: u = k S', w = beta (v - u), S_t = S' + k^T w ;
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv
-from ._triton_utils import pow2_at_least
+from ._triton_utils import dot_fp32, pow2_at_least
 
 
 @triton.jit
@@ -64,6 +65,49 @@ def _rec_fwd(Q, K, V, G, BETA, S0, O, SF, CK, T, NC, scale,
             S = S + k[:, None] * v[None, :]
             o = tl.sum(S * q[:, None], 0) * scale
             tl.store(ob + t * DV + offs_v, o.to(O.dtype.element_ty), mask=v_ok)
+    tl.store(SF + bh * DK * DV + s_off, S, mask=s_ok)
+
+
+@triton.jit
+def _gla_chunk_fwd(Q, K, V, G, S0, O, SF, CK, T, NC, scale,
+                   DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+                   HAS_S0: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Chunked forward for one decay per token and head (tensor-core dots): same outputs and checkpoints as
+    _rec_fwd. In-chunk cumulative log-decays b; every exponent is <= 0."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    s_off = offs_k[:, None] * DV + offs_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + bh * DK * DV + s_off, mask=s_ok, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    for c in range(0, NC):
+        tl.store(CK + (bh * NC + c) * DK * DV + s_off, S, mask=s_ok)
+        t = c * CHUNK + offs_c
+        t_ok = t < T
+        q = tl.load(Q + (bh * T + t[:, None]) * DK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        k = tl.load(K + (bh * T + t[:, None]) * DK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        v = tl.load(V + (bh * T + t[:, None]) * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        b = tl.cumsum(tl.load(G + bh * T + t, mask=t_ok, other=0.0), 0)
+        blast = tl.sum(tl.where(offs_c == CHUNK - 1, b, 0.0), 0)
+        w = tl.where(causal, tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0)), 0.0)
+        qk = tl.dot(q, tl.trans(k)) * w
+        o = tl.dot(qk.to(v.dtype), v) + tl.dot(q.to(tl.float32) * tl.exp(b)[:, None], S)
+        tl.store(O + (bh * T + t[:, None]) * DV + offs_v[None, :], (o * scale).to(O.dtype.element_ty),
+                 mask=t_ok[:, None] & v_ok[None, :])
+        kd = k.to(tl.float32) * tl.exp(blast - b)[:, None]
+        S = S * tl.exp(blast) + tl.dot(tl.trans(kd), v.to(tl.float32))
     tl.store(SF + bh * DK * DV + s_off, S, mask=s_ok)
 
 
@@ -173,11 +217,16 @@ class RecurrentFn(torch.autograd.Function):
         sf = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
         ck = torch.empty(B, H, nc, Dk, Dv, device=q.device, dtype=torch.float32)
         dummy = sf
-        _rec_fwd[(B * H, cdiv(Dv, bv))](
-            q, k, v, g if g is not None else dummy, beta if beta is not None else dummy,
-            s0 if s0 is not None else dummy, o, sf, ck, T, nc, float(scale),
-            DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_G=g is not None, PER_DIM=per_dim, DELTA=beta is not None,
-            HAS_S0=s0 is not None, num_warps=4)
+        if g is not None and beta is None and not per_dim and chunk >= 16 and chunk & (chunk - 1) == 0:
+            _gla_chunk_fwd[(B * H, cdiv(Dv, bv))](
+                q, k, v, g, s0 if s0 is not None else dummy, o, sf, ck, T, nc, float(scale),
+                DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_S0=s0 is not None, DOT_FP32=dot_fp32(), num_warps=4)
+        else:
+            _rec_fwd[(B * H, cdiv(Dv, bv))](
+                q, k, v, g if g is not None else dummy, beta if beta is not None else dummy,
+                s0 if s0 is not None else dummy, o, sf, ck, T, nc, float(scale),
+                DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_G=g is not None, PER_DIM=per_dim,
+                DELTA=beta is not None, HAS_S0=s0 is not None, num_warps=4)
         ctx.save_for_backward(q, k, v, g, beta, ck)
         ctx.meta = (scale, chunk, per_dim)
         ctx.mark_non_differentiable(ck)
