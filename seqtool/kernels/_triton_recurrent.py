@@ -17,6 +17,8 @@ Per token, with a = exp(g_t) (a scalar, or a vector over Dk for GLA), state S (D
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -112,6 +114,62 @@ def _gla_chunk_fwd(Q, K, V, G, S0, O, SF, CK, T, NC, scale,
 
 
 @triton.jit
+def _delta_chunk_fwd(Q, K, V, G, BETA, S0, O, SF, CK, T, NC, scale,
+                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+                     HAS_G: tl.constexpr, HAS_S0: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Chunked (WY) forward of the (gated) delta rule with tensor-core dots: same outputs and checkpoints as
+    _rec_fwd. Per chunk: Tm = (I + L)^-1 by forward substitution (L_ij = beta_i k_i.k_j e^{b_i - b_j}, j < i),
+    W = Tm (beta e^b K), U = Tm (beta V) - W S, out = (Q e^b) S + A U, S <- e^{b_C} S + (K e^{b_C - b})^T U."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    s_off = offs_k[:, None] * DV + offs_v[None, :]
+    s_ok = k_ok[:, None] & v_ok[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + bh * DK * DV + s_off, mask=s_ok, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    strict = offs_c[:, None] > offs_c[None, :]
+    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    for c in range(0, NC):
+        tl.store(CK + (bh * NC + c) * DK * DV + s_off, S, mask=s_ok)
+        t = c * CHUNK + offs_c
+        t_ok = t < T
+        q = tl.load(Q + (bh * T + t[:, None]) * DK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        k = tl.load(K + (bh * T + t[:, None]) * DK + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + (bh * T + t[:, None]) * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :],
+                    other=0.0).to(tl.float32)
+        beta = tl.load(BETA + bh * T + t, mask=t_ok, other=0.0)
+        if HAS_G:
+            b = tl.cumsum(tl.load(G + bh * T + t, mask=t_ok, other=0.0), 0)
+        else:
+            b = tl.zeros([CHUNK], tl.float32)
+        blast = tl.sum(tl.where(offs_c == CHUNK - 1, b, 0.0), 0)
+        gam = tl.where(causal, tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0)), 0.0)
+        L = tl.where(strict, beta[:, None] * tl.dot(k, tl.trans(k)) * gam, 0.0)
+        Tm = eye
+        for i in range(1, CHUNK):  # rows of (I + L)^-1, top to bottom
+            li = tl.sum(tl.where(offs_c[:, None] == i, L, 0.0), 0)  # row i of L, over columns j
+            row = tl.where(offs_c == i, 1.0, 0.0) - tl.sum(li[:, None] * Tm, 0)
+            Tm = tl.where(offs_c[:, None] == i, row[None, :], Tm)
+        W = tl.dot(Tm, k * (beta * tl.exp(b))[:, None])  # (CHUNK, BK)
+        U = tl.dot(Tm, v * beta[:, None]) - tl.dot(W, S)  # (CHUNK, BV)
+        A = tl.dot(q, tl.trans(k)) * gam
+        o = tl.dot(q * tl.exp(b)[:, None], S) + tl.dot(A, U)
+        tl.store(O + (bh * T + t[:, None]) * DV + offs_v[None, :], (o * scale).to(O.dtype.element_ty),
+                 mask=t_ok[:, None] & v_ok[None, :])
+        S = S * tl.exp(blast) + tl.dot(tl.trans(k * tl.exp(blast - b)[:, None]), U)
+    tl.store(SF + bh * DK * DV + s_off, S, mask=s_ok)
+
+
+@triton.jit
 def _rec_bwd(Q, K, V, G, BETA, CK, DO, DSF, SCR, DQ, DKP, DVO, DB, DG, DS0, T, NC, BHN, scale,
              DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
              HAS_G: tl.constexpr, PER_DIM: tl.constexpr, DELTA: tl.constexpr, HAS_DSF: tl.constexpr):
@@ -198,6 +256,33 @@ def _rec_bwd(Q, K, V, G, BETA, CK, DO, DSF, SCR, DQ, DKP, DVO, DB, DG, DS0, T, N
     tl.store(DS0 + bh * DK * DV + s_off, dS, mask=s_ok)
 
 
+def _resource_errors() -> tuple:
+    errs = []
+    try:
+        from triton.runtime.errors import OutOfResources
+        errs.append(OutOfResources)
+    except ImportError:
+        pass
+    try:
+        from triton.compiler.errors import CompilationError
+        errs.append(CompilationError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _try_chunked(launch) -> bool:
+    """Launch a chunked forward; False (and the recurrent forward runs instead) if it does not fit this GPU
+    (shared memory / registers at this chunk and head size). Any other error propagates."""
+    try:
+        launch()
+        return True
+    except _resource_errors() as e:
+        warnings.warn(f"chunked Triton forward unavailable here ({type(e).__name__}); using the recurrent one",
+                      stacklevel=3)
+        return False
+
+
 def _blocks(Dk: int, Dv: int) -> tuple[int, int]:
     bk = pow2_at_least(Dk)
     return bk, min(pow2_at_least(Dv), 64 if bk <= 64 else 32)
@@ -217,12 +302,20 @@ class RecurrentFn(torch.autograd.Function):
         sf = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
         ck = torch.empty(B, H, nc, Dk, Dv, device=q.device, dtype=torch.float32)
         dummy = sf
-        if g is not None and beta is None and not per_dim and chunk >= 16 and chunk & (chunk - 1) == 0:
-            _gla_chunk_fwd[(B * H, cdiv(Dv, bv))](
+        grid = (B * H, cdiv(Dv, bv))
+        pow2 = chunk >= 16 and chunk & (chunk - 1) == 0
+        chunked = None
+        if beta is not None and pow2:
+            chunked = lambda: _delta_chunk_fwd[grid](  # noqa: E731
+                q, k, v, g if g is not None else dummy, beta, s0 if s0 is not None else dummy, o, sf, ck, T, nc,
+                float(scale), DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_G=g is not None, HAS_S0=s0 is not None,
+                DOT_FP32=dot_fp32(), num_warps=4)
+        elif g is not None and beta is None and not per_dim and pow2:
+            chunked = lambda: _gla_chunk_fwd[grid](  # noqa: E731
                 q, k, v, g, s0 if s0 is not None else dummy, o, sf, ck, T, nc, float(scale),
                 DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_S0=s0 is not None, DOT_FP32=dot_fp32(), num_warps=4)
-        else:
-            _rec_fwd[(B * H, cdiv(Dv, bv))](
+        if chunked is None or not _try_chunked(chunked):
+            _rec_fwd[grid](
                 q, k, v, g if g is not None else dummy, beta if beta is not None else dummy,
                 s0 if s0 is not None else dummy, o, sf, ck, T, nc, float(scale),
                 DK=Dk, DV=Dv, BK=bk, BV=bv, CHUNK=chunk, HAS_G=g is not None, PER_DIM=per_dim,

@@ -125,17 +125,19 @@ def test_beta_one_overwrites_the_stored_value():
     assert_close("recall of the latest value", v[:, :, 1], out[:, :, 1], 1e-5)
 
 
-# (B, H, T, Dk, Dv, dtype, gated, chunk): tiny, the interpreter runs one token per loop iteration
+# (B, H, T, Dk, Dv, dtype, gated, chunk): tiny, the interpreter runs one token per loop iteration.
+# A power-of-two chunk takes the chunked WY (tl.dot) forward, chunk 20 the recurrent one.
 TRITON_CASES = [
     (2, 1, 40, 64, 64, torch.float32, True, 16),
-    (1, 1, 33, 60, 32, torch.bfloat16, False, 16),
-    (1, 1, 20, 128, 128, torch.float32, True, 16),
+    (1, 1, 33, 60, 32, torch.bfloat16, True, 20),
+    (1, 1, 20, 128, 128, torch.float32, False, 16),
+    (1, 1, 70, 32, 32, torch.float32, True, 64),
 ]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"T{c[2]}-Dk{c[3]}-{str(c[5])[6:]}-"
-                                                             f"{'gated' if c[6] else 'plain'}")
+                                                             f"{'gated' if c[6] else 'plain'}-c{c[7]}")
 def test_triton_fwd_bwd_matches_reference(case):
     B, H, T, Dk, Dv, dtype, gated, chunk = case
     inputs = _inputs(B, H, T, Dk, Dv, dtype, gated, seed=4)
