@@ -38,7 +38,8 @@ def check_gated(q, k, v, op: str, *, log_decay=None, beta=None, state=None, per_
             raise ShapeError(f"{op}: log_decay has shape {tuple(log_decay.shape)}, expected {want}")
         if log_decay.device != q.device:
             raise ShapeError(f"{op}: log_decay is on {log_decay.device} but q is on {q.device}")
-        if log_decay.numel() and bool((log_decay.detach() > 0).any()):
+        # Values are checked on CPU only: on CUDA the check would sync the device on every decode step.
+        if log_decay.device.type == "cpu" and log_decay.numel() and bool((log_decay.detach() > 0).any()):
             raise ShapeError(f"{op}: log_decay must be <= 0 (log of a decay factor in (0, 1]); "
                              "use e.g. -softplus(x) or logsigmoid(x)")
     if beta is not None:

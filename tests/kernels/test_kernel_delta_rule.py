@@ -97,6 +97,17 @@ def test_state_carried_over_two_calls_equals_one_call(gated):
     _compare(full, _grads(torch.cat([o1, o2], 2), s2, [q, k, v, beta, s0, ld]), 1e-5, "two calls")
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_segments_carry_the_state_exactly(gated):
+    """Long inputs run in fixed segments of the chunked path: several segments == the reference, with grads."""
+    from seqtool.kernels.delta_rule.torch_impl import delta_rule_torch
+
+    q, k, v, beta, s0, ld = _inputs(1, 2, 150, 16, 8, torch.float32, gated, seed=5)
+    out, st = delta_rule_torch(q, k, v, beta, log_decay=ld, chunk=16, scale=0.5, initial_state=s0, segment=48)
+    _compare(_chunked("reference", 16, q, k, v, beta, s0, ld), _grads(out, st, [q, k, v, beta, s0, ld]), 1e-5,
+             "segments")
+
+
 def test_chunk_size_does_not_change_result():
     q, k, v, beta, s0, ld = _inputs(1, 2, 77, 16, 16, torch.float32, True, seed=2)
     with torch.no_grad():

@@ -105,13 +105,16 @@ def _gated_linear_attn_torch_segment(q, k, v, log_decay, *, chunk=64, scale=1.0,
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
 
 
-def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None, segment=1024):
+def gated_linear_attn_torch(q, k, v, log_decay, *, chunk=64, scale=1.0, initial_state=None, segment=None):
     """Same math as reference.gated_linear_attn_reference. Returns (out (B, H, T, Dv) in q.dtype, state fp32).
 
-    Runs segments of ~``segment`` tokens one after the other, carrying the state, so every intermediate has a
-    fixed size and the time per token does not grow with T (large fresh buffers page-fault on CPU).
+    Runs segments of ~``segment`` tokens (default 512, 256 with per-dimension decays) one after the other,
+    carrying the state, so every intermediate has a fixed, cache-friendly size and the time per token does not
+    grow with T (large fresh buffers page-fault on CPU).
     """
     T = q.shape[2]
+    if segment is None:
+        segment = 256 if log_decay.dim() == 4 else 512
     seg = max(chunk, segment // chunk * chunk)
     if T <= seg:
         return _gated_linear_attn_torch_segment(q, k, v, log_decay, chunk=chunk, scale=scale,
