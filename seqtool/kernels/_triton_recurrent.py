@@ -31,8 +31,8 @@ from ._triton_utils import dot_fp32, pow2_at_least
 def _rec_fwd(Q, K, V, G, BETA, S0, O, SF, CK, T, NC, scale,
              DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
              HAS_G: tl.constexpr, PER_DIM: tl.constexpr, DELTA: tl.constexpr, HAS_S0: tl.constexpr):
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*T*D may exceed 2^31
+    iv = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
@@ -76,8 +76,8 @@ def _gla_chunk_fwd(Q, K, V, G, S0, O, SF, CK, T, NC, scale,
                    HAS_S0: tl.constexpr, DOT_FP32: tl.constexpr):
     """Chunked forward for one decay per token and head (tensor-core dots): same outputs and checkpoints as
     _rec_fwd. In-chunk cumulative log-decays b; every exponent is <= 0."""
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*T*D may exceed 2^31
+    iv = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, CHUNK)
     offs_k = tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
@@ -120,8 +120,8 @@ def _delta_chunk_fwd(Q, K, V, G, BETA, S0, O, SF, CK, T, NC, scale,
     """Chunked (WY) forward of the (gated) delta rule with tensor-core dots: same outputs and checkpoints as
     _rec_fwd. Per chunk: Tm = (I + L)^-1 by forward substitution (L_ij = beta_i k_i.k_j e^{b_i - b_j}, j < i),
     W = Tm (beta e^b K), U = Tm (beta V) - W S, out = (Q e^b) S + A U, S <- e^{b_C} S + (K e^{b_C - b})^T U."""
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*T*D may exceed 2^31
+    iv = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, CHUNK)
     offs_k = tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
@@ -173,8 +173,8 @@ def _delta_chunk_fwd(Q, K, V, G, BETA, S0, O, SF, CK, T, NC, scale,
 def _rec_bwd(Q, K, V, G, BETA, CK, DO, DSF, SCR, DQ, DKP, DVO, DB, DG, DS0, T, NC, BHN, scale,
              DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
              HAS_G: tl.constexpr, PER_DIM: tl.constexpr, DELTA: tl.constexpr, HAS_DSF: tl.constexpr):
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: B*H*T*D may exceed 2^31
+    iv = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
