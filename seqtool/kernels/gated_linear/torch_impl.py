@@ -9,7 +9,7 @@ Every exponent is <= 0, so nothing overflows however strong the decay. With one 
 Lightning) A = (Q K^T) * exp(b_i - b_j). With a decay per key dimension (GLA) A is built from sub-chunks of
 <= 8 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, earlier sub-blocks with the decay split
 at the sub-chunk boundary (q_i e^{b_i - r}, k_j e^{r - b_j}, both exponents <= 0). All chunks are batched; only
-the state recurrence loops, once per chunk. Peak memory is O(T (C + Dk Dv / C)), never T x T.
+the state recurrence loops, once per chunk. Memory is linear in T (never T x T).
 """
 from __future__ import annotations
 
