@@ -7,8 +7,8 @@ Per chunk of C tokens with in-chunk cumulative log-decays b_i = g_1 + ... + g_i 
 
 Every exponent is <= 0, so nothing overflows however strong the decay. With one decay per head (Mamba2,
 Lightning) A = (Q K^T) * exp(b_i - b_j). With a decay per key dimension (GLA) A is built from sub-chunks of
-<= 8 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, earlier sub-blocks with the decay split
-at the sub-chunk boundary (q_i e^{b_i - r}, k_j e^{r - b_j}, both exponents <= 0). All chunks are batched; only
+<= 8 tokens: diagonal sub-blocks exactly through a (c, c, Dk) factor, the keys before a sub-chunk with the decay
+split at its start (q_i e^{b_i - r}, k_j e^{r - b_j}, both exponents <= 0) and one matmul. All chunks are batched; only
 the state recurrence loops, once per chunk. Memory is linear in T (never T x T).
 """
 from __future__ import annotations
@@ -57,15 +57,12 @@ def _intra_per_dim(qf, kf, b, C):
     qs, ks, bs = (x.view(B, H, N, ns, c, Dk) for x in (qf, kf, b))
     diag = _DiagBlocks.apply(qs, ks, bs)  # (B, H, N, ns, c, c)
     rows = [F.pad(diag[:, :, :, 0], (0, C - c))]
-    if ns > 1:
-        r = bs[..., -1, :][:, :, :, :-1]  # (B, H, N, ns-1, Dk): b at the end of sub-chunk I-1, for I = 1..ns-1
-        qt = qs[:, :, :, 1:] * torch.exp(bs[:, :, :, 1:] - r[..., None, :])
-        kt = kf[:, :, :, None] * torch.exp((r[..., None, :] - b[:, :, :, None]).clamp(max=0))
-        off = qt @ kt.transpose(-1, -2)  # (B, H, N, ns-1, c, C); columns >= start(I) are dropped below
-        for i in range(1, ns):
-            s = i * c
-            rows.append(torch.cat([off[:, :, :, i - 1, :, :s], diag[:, :, :, i], off.new_zeros(B, H, N, c, C - s - c)],
-                                  -1))
+    for i in range(1, ns):  # rows of sub-chunk i against the keys before it, split at the boundary s
+        s = i * c
+        r = b[:, :, :, s - 1, None, :]  # (B, H, N, 1, Dk): b just before sub-chunk i; b_q <= r <= b_k
+        qt = qf[:, :, :, s:s + c] * torch.exp(b[:, :, :, s:s + c] - r)
+        kt = kf[:, :, :, :s] * torch.exp(r - b[:, :, :, :s])
+        rows.append(torch.cat([qt @ kt.transpose(-1, -2), diag[:, :, :, i], qf.new_zeros(B, H, N, c, C - s - c)], -1))
     return torch.cat(rows, -2)
 
 
