@@ -62,10 +62,12 @@ def _delta_rule_torch_segment(q, k, v, beta, *, log_decay=None, chunk=64, scale=
     D = kgt @ Ut  # (B, H, N, Dk, Dv)
     S = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     states = []
-    for n in range(N):
+    # chunk-major and unbind, not M[:, :, n]: each indexing op's backward would write a full-size zero tensor
+    Ms = M.permute(2, 0, 1, 3, 4).reshape(N, B * H, Dk, Dk).unbind(0)
+    Ds = D.permute(2, 0, 1, 3, 4).reshape(N, B * H, Dk, Dv).unbind(0)
+    for M_n, D_n in zip(Ms, Ds):
         states.append(S)
-        S = torch.baddbmm(D[:, :, n].reshape(B * H, Dk, Dv), M[:, :, n].reshape(B * H, Dk, Dk),
-                          S.reshape(B * H, Dk, Dv)).view(B, H, Dk, Dv)
+        S = torch.baddbmm(D_n, M_n, S.reshape(B * H, Dk, Dv)).view(B, H, Dk, Dv)
     before = torch.stack(states, 2)
     out = (A @ Ut + qp @ before) * scale
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S

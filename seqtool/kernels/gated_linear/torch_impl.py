@@ -94,9 +94,10 @@ def _gated_linear_attn_torch_segment(q, k, v, log_decay, *, chunk=64, scale=1.0,
     dS = kg.transpose(-1, -2) @ vf  # (B, H, N, Dk, Dv)
     S = q.new_zeros(B, H, Dk, Dv, dtype=torch.float32) if initial_state is None else initial_state.float()
     states = []
-    for n in range(N):
+    # unbind, not dS[:, :, n]: each indexing op's backward would write a zero tensor of the full size
+    for dS_n, decay_n in zip(dS.unbind(2), chunk_decay.unbind(2)):
         states.append(S)
-        S = torch.addcmul(dS[:, :, n], S, chunk_decay[:, :, n])
+        S = torch.addcmul(dS_n, S, decay_n)
     before = torch.stack(states, 2)
     out = (A @ vf + qg @ before) * scale
     return out.reshape(B, H, N * C, Dv)[:, :, :T].to(q.dtype), S
