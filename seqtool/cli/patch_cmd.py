@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
-                                check_output, emit, handle_errors, working, table)
+                                check_output, emit, handle_errors, table, working)
 from seqtool.errors import BadInputError
 
 
