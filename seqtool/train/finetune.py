@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,16 @@ class FinetuneResult:
     adapter_dir: str | None = None
     run_dir: str | None = None
     resumed_from: int | None = None
-    history: list = field(default_factory=list, repr=False)
 
     @property
     def model(self):
+        """The merged model (not serialised)."""
         return getattr(self, "_model", None)
+
+    @property
+    def history(self) -> list[dict]:
+        """Per-step log records (also in ``run_dir/log.jsonl``; not in the JSON output)."""
+        return getattr(self, "_history", [])
 
 
 def build_objectives(loss: str | dict[str, float], *, student: nn.Module, kl_temperature: float = 1.0,
@@ -254,8 +260,6 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
     finally:
         if adapter_tmp is not None and adapter_tmp.exists():
             shutil.rmtree(adapter_tmp, ignore_errors=True)
-    import math
-
     result = FinetuneResult(
         source=str(loaded.source), output=str(out_path) if out_path else None, method=method, train=kinds,
         objectives=run.objectives, steps=run.outcome.steps, tokens=run.outcome.tokens,
@@ -264,7 +268,7 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
         data={**packed.info, "fingerprint": packed.fingerprint}, loss_first=run.outcome.first,
         loss_final=run.outcome.final, heldout_ppl_before=round(math.exp(run.heldout_loss_before), 4),
         heldout_ppl=round(math.exp(run.heldout_loss), 4), teacher=teacher_name, adapter_dir=adapter_out,
-        run_dir=str(run_dir) if run_dir is not None else None, resumed_from=run.outcome.resumed_from,
-        history=run.outcome.history)
+        run_dir=str(run_dir) if run_dir is not None else None, resumed_from=run.outcome.resumed_from)
     object.__setattr__(result, "_model", run.model)
+    object.__setattr__(result, "_history", run.outcome.history)
     return result

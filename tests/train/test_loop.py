@@ -117,3 +117,10 @@ def test_a_registered_kind_is_trainable(data):
         kinds_mod.MODULE_KINDS.pop("qproj")
     with pytest.raises(BadInputError, match="unknown module kind qproj"):
         kinds_mod.parse_kinds("qproj")
+
+
+def test_gradient_checkpointing_gives_the_same_steps(data):
+    plain = _trainer(data, method="full", steps=2).run()
+    ckpt = _trainer(data, method="full", steps=2, grad_checkpoint=True).run()
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ckpt.history]),
+                               torch.tensor([r["loss"] for r in plain.history]), rtol=1e-6, atol=1e-6)
