@@ -10,9 +10,10 @@ import math
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -152,6 +153,8 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
     implementation (``sdpa``/``eager``) or a seqtool patch spec (``block_topk:budget=0.25``). Runtime patches
     recorded in the checkpoint's recipe are re-applied unless ``apply_recipe=False``.
     """
+    import seqtool.models  # noqa: F401  (registers seqtool's own model classes with Auto*)
+
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device if device_map is None else "auto")
     resolved = resolve_source(source)
@@ -239,6 +242,30 @@ def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, *, s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@contextmanager
+def atomic_output(out_dir: str | Path, *, force: bool = False, in_place: bool = False,
+                  source_dir: Path | None = None, validate=None) -> Iterator[Path]:
+    """Yield a temp directory beside ``out_dir`` to write a checkpoint into; on success it is validated
+    (``validate(path)``, default :func:`validate_checkpoint`) and swapped into place (like :func:`save_model`);
+    on any error it is deleted and ``out_dir`` is untouched."""
+    out = prepare_output(out_dir, force=force, in_place=in_place, source_dir=source_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        (validate or validate_checkpoint)(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_extra_files(source_dir: Path | None, dest: Path) -> None:
+    """Copy chat templates / sentencepiece files the tokenizer object does not write itself."""
+    _copy_extra_files(source_dir, dest)
 
 
 def _copy_extra_files(source_dir: Path | None, tmp: Path) -> None:
