@@ -9,8 +9,9 @@ Layers are described one by one: :func:`layer_kinds` turns a config into one :cl
 config list of per-layer mixer names and ``mixer_kinds`` maps those names to seqtool's kinds; ``moe`` (a
 :class:`MoeSpec`) says where routed FFN experts live and which layers have them; ``attention_experts`` (an
 :class:`AttentionExpertsSpec`) says how many attention experts a layer mixes and whether they share K/V. Adding a
-mixer kind (mamba2, linear, deltanet) = a ``mixer_kinds`` entry in the family JSON plus its cache size in
-:func:`cache_bytes_per_token`.
+mixer kind (mamba2, linear, deltanet) = a ``mixer_kinds`` entry in the family JSON (config name → kind); its
+layers then have ``kv_sets == 0`` in :func:`kv_cache_bytes_per_token`, and a recurrent-state size function is
+the one thing to add beside it. Code that rewrites layers asks :func:`require_plain_layers` or reads the kinds.
 """
 from __future__ import annotations
 
@@ -140,7 +141,6 @@ class FamilySpec:
     mixer_kinds: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_MIXER_KINDS))
     moe: MoeSpec | None = None
     attention_experts: AttentionExpertsSpec | None = None
-    native: bool = True  # a transformers class; False for seqtool's own classes (seqtool.models)
     moe_target: str | None = None  # the family ``convert --to moe`` writes for this dense family
 
     @property
