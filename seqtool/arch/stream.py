@@ -20,6 +20,29 @@ import torch
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# Elementwise work on big tensors (means, finiteness checks) goes in chunks of this many elements, so temporaries
+# (fp32 upcasts, masks) stay small next to the tensor itself.
+CHUNK = 1 << 22
+
+
+def chunked_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise mean of same-shaped tensors, accumulated in fp32 one chunk at a time, in their dtype."""
+    if len(tensors) == 1:
+        return tensors[0]
+    out = torch.empty_like(tensors[0])
+    flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
+    for start in range(0, flat_out.numel(), CHUNK):
+        acc = sum(f[start:start + CHUNK].float() for f in flats)
+        flat_out[start:start + CHUNK] = (acc / len(tensors)).to(out.dtype)
+    return out
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/inf, checked one chunk at a time."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[s:s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
 
 
 @dataclass(frozen=True)
@@ -174,7 +197,7 @@ def validate_streamed(directory: str | Path, *, full_reload_max_bytes: int = 400
     total = 0
     for name in source.names():
         tensor = source.get(name)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise SeqtoolError(f"refusing to write a checkpoint with NaN/inf in '{name}'")
         total += tensor.numel() * tensor.element_size()
         del tensor

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from seqtool.arch.registry import FamilySpec, all_families
-from seqtool.arch.stream import PlannedTensor, TensorInfo, validate_streamed, write_streaming
+from seqtool.arch.stream import PlannedTensor, TensorInfo, chunked_mean, validate_streamed, write_streaming
 from seqtool.convert.base import Conversion, ConvertResult, ShapeSummary, register
 from seqtool.convert.seeds import Seed, check_seeds, expert_plan, open_seed, parse_sources
 from seqtool.errors import BadInputError
@@ -40,15 +40,6 @@ def moe_target(spec: FamilySpec) -> FamilySpec:
         raise BadInputError(f"--to moe has no native MoE class for '{spec.family}'{fused}; "
                             f"supported seed families: {', '.join(supported)}")
     return all_families()[target]
-
-
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if len(tensors) == 1:
-        return tensors[0]
-    acc = tensors[0].float().clone()
-    for t in tensors[1:]:
-        acc += t.float()
-    return (acc / len(tensors)).to(tensors[0].dtype)
 
 
 @dataclass
@@ -112,7 +103,7 @@ def plan_moe(seeds: list[Seed], spec: FamilySpec, target: FamilySpec, experts: i
                 out = f"{target.layers}.{i}.{moe.saved_expert.format(e=e)}.{saved}.weight"
                 plan.append(PlannedTensor(out, info, lambda src=src, name=name: src.tensors.get(name)))
         else:
-            plan.append(PlannedTensor(name, info, lambda name=name: _mean([s.tensors.get(name) for s in seeds])))
+            plan.append(PlannedTensor(name, info, lambda name=name: chunked_mean([s.tensors.get(name) for s in seeds])))
     for i in range(layers):
         router = routers[i]
         plan.append(PlannedTensor(f"{target.layers}.{i}.{moe.saved_router}.weight", TensorInfo((experts, hidden), dtype),
