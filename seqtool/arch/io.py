@@ -304,16 +304,29 @@ def validate_checkpoint(path: Path, model: PreTrainedModel | None = None, *, ful
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         if model.config.tie_word_embeddings:
             tied |= {"lm_head.weight"}
-        for key, param in model.state_dict().items():
+        for key, shape in _saved_shapes(model).items():
             if key in stored:
-                if stored[key] != tuple(param.shape):
-                    raise SeqtoolError(f"written weight '{key}' has shape {stored[key]}, expected {tuple(param.shape)}")
+                if stored[key] != shape:
+                    raise SeqtoolError(f"written weight '{key}' has shape {stored[key]}, expected {shape}")
             elif key not in tied:
                 raise SeqtoolError(f"written checkpoint is missing weight '{key}'")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     n_params = sum(math.prod(s) for s in stored.values())
     if n_params <= full_reload_max_params:
         AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype="auto")
+
+
+def _saved_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes ``save_pretrained`` writes: the state dict after transformers reverts its load-time
+    weight conversions (e.g. MoE experts fused in memory, one tensor per expert on disk). Computed on meta tensors."""
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:  # older transformers: no load-time conversions, saved names are the state dict's
+        pass
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def weights_fingerprint(model) -> str:

@@ -94,6 +94,9 @@ def test_cli_moe_inspect_and_bad_input(tmp_path):
         assert not target.exists() and not list(tmp_path.glob(".seqtool-tmp-*"))
     prune = runner.invoke(app, ["prune", str(out), "--ratio", "0.2", "-o", str(tmp_path / "p")])
     assert prune.exit_code == 2 and "plain attention + dense MLP" in prune.output
+    patched = runner.invoke(app, ["patch", str(out), "--method", "streaming", "--budget", "16", "-o",
+                                  str(tmp_path / "patched")])  # native MoE: ordinary attention, saves per expert
+    assert patched.exit_code == 0, patched.output
 
 
 def test_seeds_of_different_shapes_are_refused(tmp_path):
