@@ -57,7 +57,7 @@ def finetune(source, data: Path, out: Path, steps: int, args, loss: str = "lm") 
     if (out / "config.json").exists():
         return
     seqtool.finetune(str(source), data=str(data), steps=steps, method="full", train="attention,mlp", loss=loss,
-                     seq_len=args.seq_len, batch=args.batch, output=out, progress="off", seed=0,
+                     seq_len=args.seq_len, batch=args.batch, lr=args.lr, output=out, progress="off", seed=0,
                      run_dir=out.parent / f"{out.name}-run", resume=(out.parent / f"{out.name}-run").exists())
 
 
@@ -68,12 +68,13 @@ def dense_average(branches: list[Path], out: Path) -> None:
 
     if (out / "config.json").exists():
         return
+    stored = load_model(str(branches[0]), dtype="auto", device="cpu", meta=True).model.dtype  # the branches' dtype
     loaded = [load_model(str(b), dtype="fp32", device="cpu") for b in branches]
     first = loaded[0].model
     with torch.no_grad():
         for name, p in first.named_parameters():
             p.copy_(torch.stack([dict(m.model.named_parameters())[name] for m in loaded]).mean(0))
-    save_model(first, loaded[0].tokenizer, out, step={"op": "average", "seeds": [str(b) for b in branches]})
+    save_model(first.to(stored), loaded[0].tokenizer, out, step={"op": "average", "seeds": [str(b) for b in branches]})
 
 
 def convert(branches: list[Path], out: Path, to: str, router_data: list[Path], **options) -> None:
@@ -94,7 +95,7 @@ def measure(path: Path, files: dict[str, Path], args) -> dict:
            "kv_bytes_per_1k": info.kv_cache_bytes_per_1k_tokens}
     for domain in ("code", "docs", "mix"):
         result = seqtool.evaluate(str(path), tasks="ppl", data=str(files[f"{domain}_heldout"]), seq_lens=(1024,),
-                                  dtype="fp32", device="cpu")
+                                  ppl_tokens=args.ppl_tokens, dtype="fp32", device="cpu")
         row[f"ppl_{domain}"] = round(result.ppl[0].ppl, 3)
     if args.passkey_samples:
         result = seqtool.evaluate(str(path), tasks="passkey", seq_lens=(2048,), samples=args.passkey_samples,
@@ -109,11 +110,13 @@ def measure(path: Path, files: dict[str, Path], args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="/tmp/seqtool-moe-quality")
-    parser.add_argument("--branch-steps", type=int, default=60)
-    parser.add_argument("--mix-steps", type=int, default=30)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--passkey-samples", type=int, default=4)
+    parser.add_argument("--branch-steps", type=int, default=30)
+    parser.add_argument("--mix-steps", type=int, default=15)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--passkey-samples", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ppl-tokens", type=int, default=8192)
     args = parser.parse_args()
     import torch
 

@@ -95,14 +95,16 @@ def _fill_attention(bam_attn, seeds_attn: list, seed_norms: list, cfg, kv_shared
 
 def build_bam(seeds: list[Seed], experts: int, top_k: int, routers: list[torch.Tensor], *, kv_shared: bool,
               parallel: bool):
-    """The BAM model (fp32 on CPU, then cast to the first seed's dtype) built from loaded seeds."""
+    """The BAM model (fp32 on CPU, then cast to the first seed's stored dtype) built from loaded seeds."""
+    from seqtool.arch.io import checkpoint_dtype
     from seqtool.models.bam import SeqtoolBamForCausalLM
 
     models = [s.load().model for s in seeds]
     spec = check_seeds(seeds)
     first = models[0]
     cfg = bam_config(first, spec, experts, top_k, kv_shared=kv_shared, parallel=parallel)
-    dtype = next(first.parameters()).dtype
+    # Keep the seed checkpoint's stored dtype (seeds are loaded in fp32 on CPU); in-memory seeds keep theirs.
+    dtype = checkpoint_dtype(seeds[0].config) if seeds[0].path is not None else next(first.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         bam = SeqtoolBamForCausalLM(cfg).eval()
@@ -154,7 +156,7 @@ class BamConversion(Conversion):
               calib: str | None = None, samples: int = 16, seq_len: int = 128, dtype: str = "auto",
               device: str = "auto", **_: Any) -> ConvertResult:
         from seqtool.arch.io import save_model
-        from seqtool.convert.moe import seed_routers
+        from seqtool.convert.moe import config_summary, seed_routers
 
         started = time.perf_counter()
         if self.attention_experts not in ATTENTION_EXPERTS:
@@ -175,9 +177,9 @@ class BamConversion(Conversion):
         router_data = parse_sources(self.router_data) or ([calib] if calib else [])
         routers = seed_routers(seeds, self.router, experts, seed=self.seed, router_data=router_data,
                                samples=samples, seq_len=seq_len)
-        before = shape_summary(seeds[0].load().model)
         bam = build_bam(seeds, experts, top_k, routers, kv_shared=self.attention_experts == "kv-shared",
                         parallel=self.parallel)
+        before = config_summary(seeds[0].config, bam.dtype)  # the seed as stored (seeds are loaded in fp32)
         after = shape_summary(bam)
         step = {**self.step(), "experts": experts, "top_k": top_k, "seeds": [str(s.source) for s in seeds]}
         out_path = None

@@ -143,7 +143,8 @@ def _meta_model(config: dict, dtype: torch.dtype = torch.float32):
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
-def _summary(config: dict, dtype: torch.dtype) -> ShapeSummary:
+def config_summary(config: dict, dtype: torch.dtype) -> ShapeSummary:
+    """The shape summary of a model with ``config`` (a dict) stored in ``dtype``, built on the meta device."""
     from seqtool.convert.base import shape_summary
 
     return shape_summary(_meta_model(config, dtype))
@@ -245,7 +246,7 @@ class MoeConversion(Conversion):
                                   progress=progress)
             out_path = Path(output).expanduser().resolve()
         dtype = seeds[0].tensors.info(seeds[0].tensors.names()[0]).dtype
-        before, after = _summary(seeds[0].config, dtype), _summary(built.config, dtype)
+        before, after = config_summary(seeds[0].config, dtype), config_summary(built.config, dtype)
         details = {"method": "moe", "target": built.family, "experts": experts, "top_k": top_k,
                    "router": self.router, "seeds": [str(s.source) for s in seeds], "bytes_written": built.bytes}
         result = ConvertResult(op="convert", method="moe", source=str(seeds[0].source), family=spec.family,
