@@ -32,6 +32,10 @@ def test_qwen2_moe_dense_layers_and_active_params():
     expert = 3 * 32 * 16  # gate, up, down of one expert
     assert total - active == 3 * 3 * expert  # 3 MoE layers x 3 idle experts
     assert kv_cache_bytes_per_token(config, 2) == 4 * 2 * 2 * 8 * 2
+    from seqtool.profile.flops import flop_shape
+
+    matrices = sum(p.numel() for layer in model.model.layers for p in layer.parameters() if p.dim() == 2)
+    assert flop_shape(model).layer_params == matrices + 3 * expert  # 2-D weights + one active expert per MoE layer
 
 
 def test_bam_kv_sets_and_lazy_registration():
