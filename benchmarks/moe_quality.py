@@ -112,10 +112,10 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/seqtool-moe-quality")
     parser.add_argument("--branch-steps", type=int, default=30)
     parser.add_argument("--mix-steps", type=int, default=15)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--passkey-samples", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
     args = parser.parse_args()
     import torch
