@@ -10,7 +10,6 @@ result. The output is planned from the seeds' headers, then written one tensor a
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,10 +32,10 @@ _NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json"}
 
 def moe_target(spec: FamilySpec) -> FamilySpec:
     """The native MoE family a dense family upcycles into (its JSON's ``moe_target``), or a one-line error."""
-    target = getattr(spec, "moe_target", None)
+    target = spec.moe_target
     if not target:
         fused = " (its MLP is a fused gate_up projection)" if spec.fused_gate_up else ""
-        supported = sorted(s.family for s in all_families().values() if getattr(s, "moe_target", None))
+        supported = sorted(s.family for s in all_families().values() if s.moe_target)
         raise BadInputError(f"--to moe has no native MoE class for '{spec.family}'{fused}; "
                             f"supported seed families: {', '.join(supported)}")
     return all_families()[target]
@@ -225,7 +224,7 @@ class MoeConversion(Conversion):
         experts, top_k = expert_plan(len(sources), self.experts, self.top_k, to="moe")
         seeds = [open_seed(s) for s in sources]
         spec = check_seeds(seeds)
-        target = moe_target(spec)
+        moe_target(spec)  # no native MoE class for this family: fail before the router work
         router_data = parse_sources(self.router_data) or ([calib] if calib else [])
         routers = seed_routers(seeds, self.router, experts, seed=self.seed, router_data=router_data,
                                samples=samples, seq_len=seq_len)
@@ -233,33 +232,33 @@ class MoeConversion(Conversion):
                 "seeds": [str(s.source) for s in seeds]}
         step["router_data"] = router_data
         tmp_dir = None
-        if output is None:
-            import tempfile
+        try:
+            if output is None:  # in memory: build in a temp dir and load it back (a small model, presumably)
+                import tempfile
 
-            tmp_dir = Path(tempfile.mkdtemp(prefix="seqtool-moe-"))
-            built = build_moe(seeds, tmp_dir, experts=experts, top_k=top_k, routers=routers, step=step,
-                              progress=progress)
-            out_path = tmp_dir
-        else:
-            with atomic_output(output, force=force, validate=validate_streamed) as tmp:
-                built = build_moe(seeds, tmp, experts=experts, top_k=top_k, routers=routers, step=step,
+                tmp_dir = Path(tempfile.mkdtemp(prefix="seqtool-moe-"))
+                built = build_moe(seeds, tmp_dir, experts=experts, top_k=top_k, routers=routers, step=step,
                                   progress=progress)
-            out_path = Path(output).expanduser().resolve()
-        dtype = seeds[0].tensors.info(seeds[0].tensors.names()[0]).dtype
-        before, after = config_summary(seeds[0].config, dtype), config_summary(built.config, dtype)
+                loaded = load_model(str(tmp_dir), dtype=dtype, device=device, apply_recipe=False)
+                loaded.path = None
+            else:  # streamed to disk; result.model stays None (load the output with seqtool.load)
+                with atomic_output(output, force=force, validate=validate_streamed) as tmp:
+                    built = build_moe(seeds, tmp, experts=experts, top_k=top_k, routers=routers, step=step,
+                                      progress=progress)
+                loaded = None
+        finally:
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+        stored = seeds[0].tensors.info(seeds[0].tensors.names()[0]).dtype
+        before, after = config_summary(seeds[0].config, stored), config_summary(built.config, stored)
         details = {"method": "moe", "target": built.family, "experts": experts, "top_k": top_k,
                    "router": self.router, "seeds": [str(s.source) for s in seeds], "bytes_written": built.bytes}
+        out_path = None if output is None else str(Path(output).expanduser().resolve())
         result = ConvertResult(op="convert", method="moe", source=str(seeds[0].source), family=spec.family,
-                               output=None if tmp_dir else str(out_path), before=before, after=after,
+                               output=out_path, before=before, after=after,
                                removed_ratio=round(1.0 - after.params_attn_mlp / before.params_attn_mlp, 6),
                                options=dataclasses.asdict(self), details=details,
                                seconds=round(time.perf_counter() - started, 3))
-        if tmp_dir is not None:
-            loaded = load_model(str(tmp_dir), dtype=dtype, device=device, apply_recipe=False)
-            loaded.path = None
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        else:
-            loaded = None
         object.__setattr__(result, "_model", loaded.model if loaded else None)
         object.__setattr__(result, "_tokenizer", loaded.tokenizer if loaded else None)
         return result

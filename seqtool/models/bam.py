@@ -30,8 +30,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import (MixtralForCausalLM, MixtralModel, MixtralPreTrainedModel,
                                                           MixtralRMSNorm, MixtralRotaryEmbedding,
-                                                          MixtralSparseMoeBlock, MixtralTopKRouter,
-                                                          apply_rotary_pos_emb, eager_attention_forward)
+                                                          MixtralSparseMoeBlock, apply_rotary_pos_emb,
+                                                          eager_attention_forward)
 
 MODEL_TYPE = "seqtool_bam"
 
@@ -188,4 +188,4 @@ class SeqtoolBamForCausalLM(SeqtoolBamPreTrainedModel, MixtralForCausalLM):
         self.post_init()
 
 
-__all__ = ["SeqtoolBamConfig", "SeqtoolBamForCausalLM", "SeqtoolBamModel", "BamAttention", "MixtralTopKRouter"]
+__all__ = ["SeqtoolBamConfig", "SeqtoolBamForCausalLM", "SeqtoolBamModel", "BamAttention"]

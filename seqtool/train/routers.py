@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from seqtool.arch.registry import FamilySpec, decoder_layers, get_family, layer_kinds
+from seqtool.arch.registry import FamilySpec, get_family, layer_kinds
 from seqtool.errors import BadInputError
 from seqtool.train.kinds import register_kind
 from seqtool.train.objectives import AuxLoss, emit_aux_loss
