@@ -4,10 +4,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from seqtool.arch.io import DTYPE_NAMES, load_model
-from seqtool.arch.registry import config_value, get_family, head_counts, kv_cache_bytes_per_token
+from seqtool.arch.registry import (LayerKind, config_value, get_family, head_counts, kv_cache_bytes_per_token,
+                                   layer_kinds, parameter_counts)
 
-# Which seqtool operations apply to a model, given its shape (the registry covers every family here).
-_OPERATIONS = ("patch", "convert --to gqa", "prune", "profile", "eval")
+
+def layer_map(kinds: list[LayerKind]) -> list[str]:
+    """Runs of equal layers, e.g. ``["0-3: attention + moe 4/top-2"]``."""
+    runs: list[tuple[int, int, str]] = []
+    for idx, kind in enumerate(kinds):
+        label = kind.describe()
+        if runs and runs[-1][2] == label:
+            runs[-1] = (runs[-1][0], idx, label)
+        else:
+            runs.append((idx, idx, label))
+    return [f"{a}: {label}" if a == b else f"{a}-{b}: {label}" for a, b, label in runs]
+
+
+def _operations(kinds: list[LayerKind], kv_heads: int, moe_target: str | None) -> list[str]:
+    plain = all(k.plain for k in kinds)
+    ops = []
+    if all(k.mixer == "attention" and k.attention_experts == 1 for k in kinds):
+        ops.append("patch")
+    if plain:
+        ops += [*(["convert --to gqa"] if kv_heads > 1 else []), "prune",
+                *(["convert --to moe"] if moe_target else []), "convert --to bam"]
+    return [*ops, "profile", "eval"]
 
 
 @dataclass
@@ -32,6 +53,8 @@ class InspectResult:
     kv_cache_bytes_per_1k_tokens: int
     operations: list[str]
     recipe: list[dict] = field(default_factory=list)
+    params_active: int = 0
+    layer_map: list[str] = field(default_factory=list)
 
 
 def _count(module) -> int:
@@ -54,9 +77,8 @@ def inspect_model(source: str, *, dtype: str = "auto") -> InspectResult:
     total = sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates tied weights
     weight_dtype = next(model.parameters()).dtype
     bytes_per = next(model.parameters()).element_size()
-    operations = list(_OPERATIONS)
-    if kv_heads == 1:
-        operations.remove("convert --to gqa")
+    kinds = layer_kinds(config)
+    _, active = parameter_counts(model)
     return InspectResult(
         source=source, family=spec.family, model_class=type(model).__name__,
         layers=int(config_value(config, "layers")), hidden=int(config_value(config, "hidden")),
@@ -66,7 +88,8 @@ def inspect_model(source: str, *, dtype: str = "auto") -> InspectResult:
         dtype=DTYPE_NAMES.get(weight_dtype, str(weight_dtype)),
         attn_implementation=str(getattr(config, "_attn_implementation", None) or "sdpa"),
         kv_cache_bytes_per_1k_tokens=kv_cache_bytes_per_token(config, bytes_per) * 1024,
-        operations=operations, recipe=loaded.recipe or _recipe_of(loaded),
+        operations=_operations(kinds, kv_heads, spec.moe_target), recipe=loaded.recipe or _recipe_of(loaded),
+        params_active=active, layer_map=layer_map(kinds),
     )
 
 

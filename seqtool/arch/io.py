@@ -12,9 +12,10 @@ import re
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -142,6 +143,8 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
     checked before any weight is read (:func:`check_weight_files`, :func:`check_weights_match`): missing or
     unexpected tensors are an error unless ``allow_missing=True`` (missing ones are then random).
     """
+    import seqtool.models  # noqa: F401  (registers seqtool's own model classes with Auto*)
+
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device if device_map is None else "auto")
     resolved = resolve_source(source)
@@ -310,6 +313,31 @@ def _carry_over(source_dir: Path, tmp: Path) -> list[str]:
     return kept
 
 
+@contextmanager
+def atomic_output(out_dir: str | Path, *, force: bool = False, in_place: bool = False,
+                  source_dir: Path | None = None, validate=None) -> Iterator[Path]:
+    """Yield a temp directory beside ``out_dir`` to write a checkpoint into; on success it is validated
+    (``validate(path)``, default :func:`validate_checkpoint`) and swapped into place (like :func:`save_model`);
+    on any error it is deleted and ``out_dir`` is untouched."""
+    out = prepare_output(out_dir, force=force, in_place=in_place, source_dir=source_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / temp_name(TMP_PREFIX, out.name)
+    tmp.mkdir()
+    try:
+        yield tmp
+        apply_umask(tmp)
+        (validate or validate_checkpoint)(tmp)
+        _publish(tmp, out, replace=force or in_place)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_extra_files(source_dir: Path | None, dest: Path) -> None:
+    """Copy chat templates / sentencepiece files the tokenizer object does not write itself."""
+    _copy_extra_files(source_dir, dest)
+
+
 def _copy_extra_files(source_dir: Path | None, tmp: Path) -> None:
     if source_dir is None:
         return
@@ -386,16 +414,29 @@ def validate_checkpoint(path: Path, model: PreTrainedModel | None = None, *, ful
         tied = set(getattr(model, "_tied_weights_keys", None) or {})
         if model.config.tie_word_embeddings:
             tied |= {"lm_head.weight"}
-        for key, param in model.state_dict().items():
+        for key, shape in _saved_shapes(model).items():
             if key in stored:
-                if stored[key] != tuple(param.shape):
-                    raise SeqtoolError(f"written weight '{key}' has shape {stored[key]}, expected {tuple(param.shape)}")
+                if stored[key] != shape:
+                    raise SeqtoolError(f"written weight '{key}' has shape {stored[key]}, expected {shape}")
             elif key not in tied:
                 raise SeqtoolError(f"written checkpoint is missing weight '{key}'")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     n_params = sum(math.prod(s) for s in stored.values())
     if n_params <= full_reload_max_params:
         AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype="auto")
+
+
+def _saved_shapes(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes ``save_pretrained`` writes: the state dict after transformers reverts its load-time
+    weight conversions (e.g. MoE experts fused in memory, one tensor per expert on disk). Computed on meta tensors."""
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:  # older transformers: no load-time conversions, saved names are the state dict's
+        pass
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def weights_fingerprint(model) -> str:

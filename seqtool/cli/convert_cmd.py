@@ -18,6 +18,14 @@ StepsOpt = Annotated[int | None, typer.Option("--steps", help="Recovery steps (d
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Recovery checkpoints + log (resumable with --resume).", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the recovery run in --run-dir.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for calibration windows, random scores and recovery.")]
+# moe / bam (upcycling seeds into experts; see docs/moe.md)
+FromOpt = Annotated[str | None, typer.Option("--from", help="moe/bam: further seed checkpoints, comma-separated (MODEL is the first).", show_default=False)]
+ExpertsOpt = Annotated[int | None, typer.Option("--experts", help="moe/bam: experts per layer (default: number of seeds; seeds repeat cyclically).", show_default=False)]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="moe/bam: FFN experts per token (default 2, 1 with one expert).", show_default=False)]
+RouterOpt = Annotated[str, typer.Option("--router", help="moe/bam: router init: random | hidden (seeds' mean hidden states on their data).")]
+RouterDataOpt = Annotated[str | None, typer.Option("--router-data", help="moe/bam --router hidden: text file(s), one per seed, comma-separated (default --calib or built-in text).", show_default=False)]
+AttnExpertsOpt = Annotated[str, typer.Option("--attention-experts", help="bam: full (q/k/v/o per expert) | kv-shared (q/o per expert, one K/V).")]
+ParallelOpt = Annotated[bool, typer.Option("--parallel", help="bam: parallel attention + FFN block.")]
 
 
 def resolve_output(model: str, output: str | None, in_place: bool, force: bool = False) -> str:
@@ -38,8 +46,9 @@ def render(result) -> str:
         ("KV cache per token", format_bytes(b.kv_cache_bytes_per_token), format_bytes(a.kv_cache_bytes_per_token)),
     ]
     lines = [table(rows, ["", "before", "after"]), ""]
+    change = "removed" if result.removed_ratio >= 0 else "added"
     lines.append(f"{result.op} ({result.method}) of {result.source} [{result.family}]: "
-                 f"{100 * result.removed_ratio:.2f} % of attention + MLP parameters removed")
+                 f"{100 * abs(result.removed_ratio):.2f} % of attention + MLP parameters {change}")
     if result.recovery is not None:
         r = result.recovery
         what = f"LoRA r={r.rank}" if r.method == "lora" else f"{r.method} ({','.join(r.target_modules)})"
@@ -56,7 +65,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def convert_command(
         model: ModelArg,
-        to: Annotated[str, typer.Option("--to", help="Conversion: gqa.")],
+        to: Annotated[str, typer.Option("--to", help="Conversion: gqa | moe | bam.")],
         output: OutputOpt = None,
         kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="gqa: new KV-head count (divides the current one).", show_default=False)] = None,
         grouping: Annotated[str, typer.Option("--grouping", help="gqa: mean (contiguous groups, mean-pooled) | key (calibrated grouping, norm-aware pooling).")] = "mean",
@@ -68,6 +77,13 @@ def register(app: typer.Typer) -> None:
         run_dir: RunDirOpt = None,
         resume: ResumeOpt = False,
         seed: SeedOpt = 0,
+        from_: FromOpt = None,
+        experts: ExpertsOpt = None,
+        top_k: TopKOpt = None,
+        router: RouterOpt = "random",
+        router_data: RouterDataOpt = None,
+        attention_experts: AttnExpertsOpt = "full",
+        parallel: ParallelOpt = False,
         force: ForceOpt = False,
         in_place: InPlaceOpt = False,
         dtype: DtypeOpt = "auto",
@@ -80,6 +96,8 @@ def register(app: typer.Typer) -> None:
           seqtool convert ref --to gqa --kv-heads 2 -o ref-gqa2
           seqtool convert ./llama --to gqa --kv-heads 4 --grouping key --calib notes.txt -o ./llama-gqa4
           seqtool convert ref --to gqa --kv-heads 2 --recover distill --run-dir run-gqa2 -o ref-gqa2-distill
+          seqtool convert ./code-branch --from ./prose-branch --to moe --router hidden -o ./mixed-moe
+          seqtool convert ref --to bam --experts 2 --attention-experts kv-shared -o ref-bam
         """
         check_model(model)  # validation follows the command line: model, --to, options, output
         from seqtool.convert import convert
@@ -88,6 +106,10 @@ def register(app: typer.Typer) -> None:
         options = {}
         if to == "gqa":
             options = {"kv_heads": kv_heads, "grouping": grouping}
+        if to in ("moe", "bam"):
+            options = {"from_": from_, "experts": experts, "top_k": top_k, "router": router, "router_data": router_data}
+            if to == "bam":
+                options.update(attention_experts=attention_experts, parallel=parallel)
         if to == "prune":
             raise BadInputError("pruning has its own command: seqtool prune MODEL --ratio R -o OUT")
         make_conversion(to, options)  # unknown --to, missing options: one line, before loading anything

@@ -14,7 +14,7 @@ def render(result) -> str:
         ("heads / KV heads / head_dim", f"{result.heads} / {result.kv_heads} / {result.head_dim}"),
         ("intermediate", result.intermediate), ("vocab", result.vocab),
         ("max positions", result.max_position_embeddings),
-        ("parameters", format_count(result.params_total)),
+        ("parameters (total / active)", f"{format_count(result.params_total)} / {format_count(result.params_active)}"),
         ("  attention", format_count(result.params_attention)),
         ("  MLP", format_count(result.params_mlp)),
         ("  embeddings", format_count(result.params_embeddings)),
@@ -22,6 +22,7 @@ def render(result) -> str:
         ("KV cache per 1k tokens", format_bytes(result.kv_cache_bytes_per_1k_tokens)),
         ("seqtool operations", ", ".join(result.operations)),
     ]
+    rows.insert(2, ("layer map", "\n".join(result.layer_map)))
     text = table(rows, ["property", "value"])
     if result.recipe:
         steps = "\n".join(f"  {i}. {s.get('op')} " + ", ".join(f"{k}={v}" for k, v in s.items()

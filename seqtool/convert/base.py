@@ -49,6 +49,9 @@ class Conversion:
     name: ClassVar[str] = ""
     op: ClassVar[str] = "convert"
     changed_kinds: ClassVar[tuple[str, ...]] = ("attention", "mlp")
+    # True for conversions that build a new checkpoint from seed models (moe, bam) through ``build`` instead of
+    # rewriting one loaded model in place through ``check``/``apply``.
+    builds: ClassVar[bool] = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -60,6 +63,11 @@ class Conversion:
     def apply(self, model: nn.Module, calib_ids: torch.Tensor | None) -> dict:
         """Rewrite ``model`` in place; ``calib_ids`` is (samples, seq_len) when ``needs_calibration``.
         Returns JSON-able details for the result and the recipe step."""
+        raise NotImplementedError
+
+    def build(self, model: Any, *, output: str | Path | None, **run: Any) -> "ConvertResult":
+        """Build and (with ``output``) save a new checkpoint from ``model`` and the conversion's other seeds;
+        ``run`` holds :func:`convert`'s keyword arguments (force, samples, seq_len, dtype, device, ...)."""
         raise NotImplementedError
 
     def step(self) -> dict:
@@ -153,7 +161,7 @@ def _as_loaded(model: Any, tokenizer: Any, dtype: str, device: str):
 
 def load_conversions() -> None:
     """Import the built-in conversions so they register themselves."""
-    from seqtool.convert import gqa, prune  # noqa: F401
+    from seqtool.convert import bam, gqa, moe, prune  # noqa: F401
 
 
 def make_conversion(to: str, options: dict) -> Conversion:
@@ -200,6 +208,11 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
         options.setdefault("seed", seed)  # conversions with their own randomness share the run's seed
     conversion = make_conversion(to, options)
     recover = None if recover in (None, "none") else recover
+    if conversion.builds:
+        if recover is not None:
+            raise BadInputError(f"--to {to} does not take --recover; fine-tune the result with `seqtool finetune`")
+        return conversion.build(model, output=output, tokenizer=tokenizer, calib=calib, samples=samples,
+                                seq_len=seq_len, force=force, in_place=in_place, dtype=dtype, device=device)
     if recover is not None and recover not in ("lora", "full", "distill"):
         raise BadInputError(f"unknown recovery '{recover}'; use lora, full or distill, or leave it out")
     from seqtool.arch.io import prepare_output, resolve_dtype, resolve_source

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from seqtool.arch.registry import decoder_layers, get_family, head_counts
+from seqtool.arch.registry import decoder_layers, get_family, head_counts, require_plain_layers
 from seqtool.convert.base import Conversion, register
 from seqtool.convert.calib import run_batches
 from seqtool.convert.layout import AttnWeights, head_rows, read_attention, set_shape, write_attention
@@ -53,6 +53,7 @@ class GQAConversion(Conversion):
         return self.grouping == "key"
 
     def check(self, model: nn.Module) -> None:
+        require_plain_layers(model, "convert --to gqa")
         if self.grouping not in GROUPINGS:
             raise BadInputError(f"unknown grouping '{self.grouping}'; use one of {', '.join(GROUPINGS)}")
         _, kv, _ = head_counts(model.config)

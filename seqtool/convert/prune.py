@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from seqtool.arch.registry import decoder_layers, get_family, head_counts
+from seqtool.arch.registry import decoder_layers, get_family, head_counts, require_plain_layers
 from seqtool.convert.base import Conversion, ConvertResult, convert, register
 from seqtool.convert.calib import run_batches
 from seqtool.convert.layout import (AttnWeights, MlpWeights, current_shape, head_rows, read_attention, read_mlp,
@@ -274,6 +274,7 @@ class PruneConversion(Conversion):
         return self.criterion == "amp"
 
     def check(self, model: nn.Module) -> None:
+        require_plain_layers(model, "prune")
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise BadInputError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.criterion not in CRITERIA:

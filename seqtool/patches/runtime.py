@@ -351,9 +351,12 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     dataclass (strings are coerced, so CLI values pass straight through). A model already patched is first
     restored. Nothing is patched until this is called.
     """
-    from seqtool.arch.registry import attention_module, decoder_layers, get_family, head_counts
+    from seqtool.arch.registry import attention_module, decoder_layers, get_family, head_counts, layer_kinds
 
     get_family(model)  # raises UnsupportedModelError for unknown families
+    for idx, kind in enumerate(layer_kinds(model)):
+        if kind.mixer != "attention" or kind.attention_experts != 1:
+            raise BadInputError(f"patch works on plain attention layers; layer {idx} is '{kind.describe()}'")
     options = dict(options)
     dense_layers = _int_tuple(options.pop("dense_layers", None), "dense_layers")
     layers = options.pop("layers", None)

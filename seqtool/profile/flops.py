@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from seqtool.arch.registry import config_value, decoder_layers, get_family, head_counts
+from seqtool.arch.registry import config_value, decoder_layers, get_family, head_counts, layer_kinds
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,20 @@ class FlopShape:
 
 
 def flop_shape(model: nn.Module) -> FlopShape:
-    """Read the FLOP-relevant sizes of ``model`` (works on meta models)."""
-    layer_params = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters() if p.dim() == 2)
-    lm_head = model.get_submodule(get_family(model).lm_head)
+    """Read the FLOP-relevant sizes of ``model`` (works on meta models). Routed experts count with their active
+    share (top_k / experts); attention experts multiply the heads (all of them run)."""
+    spec = get_family(model)
+    kinds = layer_kinds(model.config)
+    layer_params = 0
+    for layer, kind in zip(decoder_layers(model), kinds):
+        experts = getattr(layer, spec.mlp).get_submodule(spec.moe.experts) if kind.ffn == "moe" else None
+        expert_ids = {id(p) for p in experts.parameters()} if experts is not None else set()
+        layer_params += sum(p.numel() for p in layer.parameters() if p.dim() == 2 and id(p) not in expert_ids)
+        if experts is not None:
+            layer_params += sum(p.numel() for p in experts.parameters()) * kind.top_k // kind.experts
+    lm_head = model.get_submodule(spec.lm_head)
     heads, _, head_dim = head_counts(model.config)
+    heads *= max(kind.attention_experts for kind in kinds)
     return FlopShape(layer_params=layer_params, lm_head_params=lm_head.weight.numel(),
                      layers=int(config_value(model.config, "layers")), heads=heads, head_dim=head_dim)
 

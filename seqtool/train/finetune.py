@@ -25,6 +25,7 @@ from seqtool.train.data import DataConfig, PackedData, build_data, tokenizer_fin
 from seqtool.train.kinds import DEFAULT_KINDS, kind_modules, parse_kinds
 from seqtool.train.loop import Trainer, TrainConfig, TrainOutcome
 from seqtool.train.objectives import KLDistill, LMLoss, ModuleMatch, Objective, parse_loss_weights
+from seqtool.train.routers import ROUTER_LOSSES, RouterLoss  # also registers the router / experts kinds
 from seqtool.train.trainable import DEFAULT_LR, LoraOptions, count_parameters, merge, prepare, save_adapter
 
 
@@ -77,6 +78,8 @@ def build_objectives(loss: str | dict[str, float], *, student: nn.Module, kl_tem
         elif name == "match":
             modules = [m for names in kind_modules(student, match).values() for m in names]
             out.append(ModuleMatch(modules, w))
+        elif name in ROUTER_LOSSES:
+            out.append(RouterLoss(name, w))
         else:
             raise BadInputError(f"unknown objective '{name}'")
     return out

@@ -223,7 +223,7 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
             out[name.strip()] = float(w) if w else 1.0
         except ValueError:
             raise BadInputError(f"bad loss weight '{part}'; write e.g. lm=1,kl=0.5") from None
-    known = {"lm", "kl", "match"}
+    known = {"lm", "kl", "match", "balance", "zloss"}  # balance / zloss: router losses (seqtool.train.routers)
     bad = sorted(set(out) - known)
     if bad or not out:
         raise BadInputError(f"unknown objective {', '.join(bad) or '(none)'}; choose from {', '.join(sorted(known))}")

@@ -48,7 +48,7 @@ def test_cli_json_and_help(tmp_path, domain_file):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--teacher", "ref", "--loss", "kl"], "tokenizer differs"),
     (["--loss", "kl"], "needs a teacher"),
-    (["--train", "attention,router"], "unknown module kind router"),
+    (["--train", "attention,bogus"], "unknown module kind bogus"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, domain_file, args, message):
     base = ["finetune", "tiny-llama", "--data", str(domain_file), "--steps", "2", "--seq-len", "32", "--batch", "2",
