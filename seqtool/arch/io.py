@@ -92,7 +92,11 @@ def check_weights_match(path: Path, stored: dict[str, tuple[int, ...]], model: P
                         allow_missing: bool = False) -> None:
     """Compare the checkpoint's tensors with the model's: missing / unexpected tensors and wrong shapes are
     one-line errors naming them (a missing tensor would otherwise be initialised randomly, silently)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # on disk, transformers may hold tensors under other names than in memory (MoE experts fused in memory, one
+    # tensor per expert on disk): compare with whichever layout the checkpoint uses
+    in_memory = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    on_disk = _saved_shapes(model)
+    expected = on_disk if len(set(on_disk) & set(stored)) > len(set(in_memory) & set(stored)) else in_memory
     wrong = [f"{k} {list(stored[k])} (expected {list(s)})" for k, s in expected.items() if k in stored and stored[k] != s]
     if wrong:
         raise BadInputError(f"'{path}' has tensor(s) of the wrong shape for its config.json: {_names(wrong)}")
