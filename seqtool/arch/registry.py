@@ -46,6 +46,11 @@ class FamilySpec:
     norms: tuple[str, ...] = ()
     attention_bias: bool = False
     config_keys: dict[str, str] = field(default_factory=dict)
+    # Hybrid families: modules that replace ``attention`` in some layers (a layer holds one of them, the others
+    # are None), the config key listing each layer's kind, and the kinds that are softmax attention.
+    mixers: tuple[str, ...] = ()
+    layer_kinds: str | None = None
+    attention_kinds: tuple[str, ...] = ()
 
     @property
     def fused_qkv(self) -> bool:
@@ -65,6 +70,8 @@ def all_families() -> dict[str, FamilySpec]:
         raw["model_types"] = tuple(raw["model_types"])
         raw["qk_norms"] = tuple(raw.get("qk_norms", ()))
         raw["norms"] = tuple(raw.get("norms", ()))
+        raw["mixers"] = tuple(raw.get("mixers", ()))
+        raw["attention_kinds"] = tuple(raw.get("attention_kinds", ()))
         families[raw["family"]] = FamilySpec(**raw)
     return families
 
@@ -116,8 +123,19 @@ def head_counts(config: Any) -> tuple[int, int, int]:
     return heads, int(kv_heads), int(head_dim)
 
 
+def attention_layer_indices(config: Any) -> list[int]:
+    """Indices of the layers that are softmax attention (every layer unless the family is hybrid)."""
+    spec = get_family(config)
+    n_layers = int(config_value(config, "layers"))
+    kinds = getattr(config, spec.layer_kinds, None) if spec.layer_kinds else None
+    if not kinds:
+        return list(range(n_layers))
+    return [i for i, kind in enumerate(kinds) if kind in spec.attention_kinds]
+
+
 def kv_cache_bytes_per_token(config: Any, bytes_per_element: int) -> int:
-    """Analytic KV-cache size for one token: layers × 2 × kv_heads × head_dim × bytes."""
+    """Analytic KV-cache size for one token: attention layers × 2 × kv_heads × head_dim × bytes (a hybrid's
+    recurrent layers hold a constant-size state instead, not counted here)."""
     _, kv_heads, head_dim = head_counts(config)
-    layers = int(config_value(config, "layers"))
+    layers = len(attention_layer_indices(config))
     return layers * 2 * kv_heads * head_dim * bytes_per_element

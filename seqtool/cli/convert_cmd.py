@@ -44,6 +44,15 @@ def render(result) -> str:
         r = result.recovery
         lines.append(f"recovery: LoRA r={r.rank}, {r.steps} steps, loss {r.loss_start:.3f} -> {r.loss_end:.3f}"
                      + (f", adapter {r.adapter_dir}" if r.adapter_dir else ""))
+    choice = result.details.get("layer_choice") if isinstance(result.details, dict) else None
+    if choice:
+        scores = result.details.get("retrieval_scores")
+        kept = result.details.get("attention_layers_kept", [])
+        if scores:
+            lines.append("retrieval score per layer: " + ", ".join(
+                f"{i}:{s:.3f}{'*' if i in kept else ''}" for i, s in enumerate(scores)) + " (* kept as attention)")
+        lines.append(f"attention layers kept: {kept} ({choice}); {result.details.get('mixer')} in "
+                     f"{result.details.get('converted_layers')} -> {result.details.get('model_class')}")
     lines.append(f"saved: {result.output}" if result.output else "not saved (no output given)")
     return "\n".join(lines)
 
@@ -53,10 +62,15 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def convert_command(
         model: ModelArg,
-        to: Annotated[str, typer.Option("--to", help="Conversion: gqa.")],
+        to: Annotated[str, typer.Option("--to", help="Conversion: gqa | hybrid.")],
         output: OutputOpt = None,
         kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="gqa: new KV-head count (divides the current one).", show_default=False)] = None,
         grouping: Annotated[str, typer.Option("--grouping", help="gqa: mean (contiguous groups, mean-pooled) | key (calibrated grouping, norm-aware pooling).")] = "mean",
+        # --- hybrid options (convert --to hybrid) ---
+        mixer: Annotated[str, typer.Option("--mixer", help="hybrid: mixer replacing attention: mamba2 | linear | deltanet.")] = "mamba2",
+        attention_layers: Annotated[str | None, typer.Option("--attention-layers", help="hybrid: layers kept as attention, e.g. 0,3 (default: by retrieval score).", show_default=False)] = None,
+        keep_attention: Annotated[float | None, typer.Option("--keep-attention", help="hybrid: fraction of layers kept as attention, highest retrieval scores first (default 0.25).", show_default=False)] = None,
+        # --- end hybrid options ---
         calib: CalibOpt = None,
         samples: SamplesOpt = 50,
         seq_len: SeqLenOpt = 128,
@@ -74,6 +88,8 @@ def register(app: typer.Typer) -> None:
         Examples:
           seqtool convert ref --to gqa --kv-heads 2 -o ref-gqa2
           seqtool convert ./llama --to gqa --kv-heads 4 --grouping key --calib notes.txt -o ./llama-gqa4
+          seqtool convert ref --to hybrid --mixer mamba2 --keep-attention 0.5 -o ref-hybrid
+          seqtool convert ./llama --to hybrid --attention-layers 0,3 -o ./llama-hybrid
         """
         from seqtool.convert import convert
 
@@ -82,6 +98,8 @@ def register(app: typer.Typer) -> None:
             if kv_heads is None:
                 raise BadInputError("--to gqa needs --kv-heads N")
             options = {"kv_heads": kv_heads, "grouping": grouping}
+        if to == "hybrid":
+            options = {"mixer": mixer, "attention_layers": attention_layers, "keep_attention": keep_attention}
         out = resolve_output(model, output, in_place)
         log(f"converting {model} -> {to} ...")
         result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,

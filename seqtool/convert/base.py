@@ -61,6 +61,11 @@ class Conversion:
         Returns JSON-able details for the result and the recipe step."""
         raise NotImplementedError
 
+    def result_model(self, model: nn.Module) -> nn.Module:
+        """The model to save after :meth:`apply`: ``model`` itself, or a new one for conversions that change the
+        model class (e.g. ``hybrid`` → GraniteMoeHybrid)."""
+        return model
+
     def step(self) -> dict:
         """The recipe step (without details) describing these options."""
         return {"op": self.op, "to": self.name, **dataclasses.asdict(self)}
@@ -147,7 +152,7 @@ def _as_loaded(model: Any, tokenizer: Any, dtype: str, device: str):
 
 def load_conversions() -> None:
     """Import the built-in conversions so they register themselves."""
-    from seqtool.convert import gqa, prune  # noqa: F401
+    from seqtool.convert import gqa, hybrid, prune  # noqa: F401
 
 
 def make_conversion(to: str, options: dict) -> Conversion:
@@ -208,6 +213,7 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     was_training = net.training
     net.eval()
     details = conversion.apply(net, calib_ids)
+    net = conversion.result_model(net)
     after = shape_summary(net)
 
     recovery, adapter_tmp = None, None

@@ -1,0 +1,105 @@
+"""``convert --to hybrid``: keep a few softmax-attention layers, replace the others by recurrent mixers.
+
+    seqtool.convert("ref", to="hybrid", mixer="mamba2", keep_attention=0.5, output="ref-hybrid")
+
+Mixers: ``mamba2`` writes the native transformers ``GraniteMoeHybridForCausalLM`` (plain ``AutoModelForCausalLM``
+loads it without seqtool), initialised from the attention weights as in Mamba-in-the-Llama
+(:mod:`seqtool.convert.hybrid_native`). Which layers stay attention: :mod:`seqtool.convert.hybrid_layers`.
+``linear`` (LoLCATs) and ``deltanet`` (gated delta rule) are named but not implemented yet: they raise
+:class:`~seqtool.errors.NotImplementedMethodError`.
+
+Exact case: listing every layer as attention gives the source model's logits exactly (after save + plain reload).
+The source model passed in memory is not modified; ``result.model`` is the new hybrid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from seqtool.arch.registry import decoder_layers
+from seqtool.convert.base import Conversion, register
+from seqtool.convert.hybrid_layers import LayerChoice, choose_layers, count_for_fraction, parse_layers
+from seqtool.errors import BadInputError, NotImplementedMethodError
+
+MIXERS = ("mamba2", "linear", "deltanet")
+NATIVE_MIXERS = ("mamba2",)
+
+
+@register("hybrid")
+@dataclass
+class HybridConversion(Conversion):
+    """Options: ``mixer`` (mamba2|linear|deltanet), ``attention_layers`` (indices kept as attention, e.g. "0,3")
+    or ``keep_attention`` (fraction of layers kept, ranked by retrieval score; default 0.25), ``seed`` (mixer init)."""
+
+    mixer: str = "mamba2"
+    attention_layers: Any = None
+    keep_attention: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.attention_layers = parse_layers(self.attention_layers)
+        self._choice: LayerChoice | None = None
+        self._result: nn.Module | None = None
+
+    def check(self, model: nn.Module) -> None:
+        if self.mixer not in MIXERS:
+            raise BadInputError(f"unknown mixer '{self.mixer}'; use one of {', '.join(MIXERS)}")
+        n_layers = len(decoder_layers(model))
+        if self.attention_layers is not None and self.keep_attention is not None:
+            raise BadInputError("pass either --attention-layers or --keep-attention, not both")
+        if self.attention_layers is not None:
+            bad = [i for i in self.attention_layers if not 0 <= i < n_layers]
+            if bad:
+                raise BadInputError(f"attention layer {bad[0]} out of range: the model has {n_layers} layers "
+                                    f"(0-{n_layers - 1})")
+            n_keep = len(self.attention_layers)
+        elif self.keep_attention is not None:
+            if not 0.0 <= float(self.keep_attention) <= 1.0:
+                raise BadInputError(f"--keep-attention must be in [0, 1], got {self.keep_attention}")
+            n_keep = count_for_fraction(float(self.keep_attention), n_layers)
+        else:
+            n_keep = 1
+        if self.mixer in NATIVE_MIXERS:
+            if n_keep == 0:
+                raise BadInputError("--mixer mamba2 needs at least one attention layer (the native "
+                                    "GraniteMoeHybrid class needs one for cached generate)")
+            from seqtool.convert.hybrid_native import check_native
+
+            check_native(model)
+        else:
+            raise NotImplementedMethodError(f"--mixer {self.mixer} is not implemented yet; use --mixer mamba2")
+
+    def apply(self, model: nn.Module, calib_ids: torch.Tensor | None) -> dict:
+        from seqtool.convert.hybrid_native import build_native_hybrid
+
+        n_layers = len(decoder_layers(model))
+        self._choice = choose_layers(model, n_layers, attention_layers=self.attention_layers,
+                                     keep_attention=self.keep_attention, seed=self.seed)
+        kept = self._choice.attention_layers
+        self._result = build_native_hybrid(model, kept, seed=self.seed)
+        return {
+            "method": f"hybrid-{self.mixer}",
+            "mixer": self.mixer,
+            "attention_layers_kept": kept,
+            "converted_layers": [i for i in range(n_layers) if i not in kept],
+            "layer_choice": self._choice.reason,
+            "retrieval_scores": self._choice.scores,
+            "model_class": type(self._result).__name__,
+        }
+
+    def result_model(self, model: nn.Module) -> nn.Module:
+        return self._result if self._result is not None else model
+
+    def step(self) -> dict:
+        step = super().step()
+        if self._choice is not None:
+            step["attention_layers_kept"] = self._choice.attention_layers
+        return step
+
+    @property
+    def choice(self) -> LayerChoice | None:
+        """The layer choice made by :meth:`apply` (None before)."""
+        return self._choice
