@@ -48,6 +48,7 @@ class Conversion:
 
     name: ClassVar[str] = ""
     op: ClassVar[str] = "convert"
+    tokenizer: ClassVar[Any] = None  # set by :func:`convert` before :meth:`apply` (the loaded model's tokenizer)
 
     @property
     def needs_calibration(self) -> bool:
@@ -212,6 +213,7 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                        "seed": seed}
     was_training = net.training
     net.eval()
+    conversion.tokenizer = loaded.tokenizer  # conversions that train (hybrid distillation) read their data with it
     details = conversion.apply(net, calib_ids)
     net = conversion.result_model(net)
     after = shape_summary(net)

@@ -13,6 +13,7 @@ The source model passed in memory is not modified; ``result.model`` is the new h
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ from seqtool.convert.hybrid_layers import LayerChoice, choose_layers, count_for_
 from seqtool.errors import BadInputError, NotImplementedMethodError
 
 MIXERS = ("mamba2", "linear", "deltanet")
+DEFAULT_STEPS1 = 100
+DEFAULT_STEPS2 = 200
+DEFAULT_SEQ_LEN = 256
+_RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)
 
 
@@ -38,6 +43,19 @@ class HybridConversion(Conversion):
     attention_layers: Any = None
     keep_attention: float | None = None
     seed: int = 0
+    # distillation (seqtool.convert.hybrid_distill); steps 0 skips a stage, both 0 = initialisation only
+    steps1: int = DEFAULT_STEPS1
+    steps2: int = DEFAULT_STEPS2
+    lora_r: int = 8
+    train_seq_len: int = DEFAULT_SEQ_LEN
+    batch: int = 8
+    lr1: float = 1e-3
+    lr2: float = 1e-3
+    data: str | None = None
+    eval_rows: int = 32
+    run_dir: str | None = None
+    resume: bool = False
+    progress: str = "auto"
 
     def __post_init__(self) -> None:
         self.attention_layers = parse_layers(self.attention_layers)
@@ -62,6 +80,7 @@ class HybridConversion(Conversion):
             n_keep = count_for_fraction(float(self.keep_attention), n_layers)
         else:
             n_keep = 1
+        self._distill_config().check()
         if self.mixer in NATIVE_MIXERS:
             if n_keep == 0:
                 raise BadInputError("--mixer mamba2 needs at least one attention layer (the native "
@@ -77,10 +96,22 @@ class HybridConversion(Conversion):
 
         n_layers = len(decoder_layers(model))
         self._choice = choose_layers(model, n_layers, attention_layers=self.attention_layers,
-                                     keep_attention=self.keep_attention, seed=self.seed)
+                                     keep_attention=self.keep_attention, tokenizer=self.tokenizer,
+                                     seed=self.seed)
         kept = self._choice.attention_layers
-        self._result = build_native_hybrid(model, kept, seed=self.seed)
+        hybrid = build_native_hybrid(model, kept, seed=self.seed)
+        stages = []
+        if self.steps1 or self.steps2:
+            from seqtool.convert.hybrid_distill import distill
+
+            if self.tokenizer is None:
+                raise BadInputError("hybrid distillation needs a tokenizer; pass tokenizer= with a bare model")
+            hybrid, stages = distill(hybrid, model, self.tokenizer, self._distill_config(), run_dir=self.run_dir,
+                                     resume=self.resume, progress=self.progress,
+                                     identity={"attention_layers": kept, "mixer": self.mixer})
+        self._result = hybrid
         return {
+            "stages": [dataclasses.asdict(s) for s in stages],
             "method": f"hybrid-{self.mixer}",
             "mixer": self.mixer,
             "attention_layers_kept": kept,
@@ -90,11 +121,18 @@ class HybridConversion(Conversion):
             "model_class": type(self._result).__name__,
         }
 
+    def _distill_config(self):
+        from seqtool.convert.hybrid_distill import DistillConfig
+
+        return DistillConfig(steps1=self.steps1, steps2=self.steps2, lora_r=self.lora_r, seq_len=self.train_seq_len,
+                             batch=self.batch, lr1=self.lr1, lr2=self.lr2, data=self.data, seed=self.seed,
+                             eval_rows=self.eval_rows)
+
     def result_model(self, model: nn.Module) -> nn.Module:
         return self._result if self._result is not None else model
 
     def step(self) -> dict:
-        step = super().step()
+        step = {k: v for k, v in super().step().items() if k not in _RUN_ONLY}
         if self._choice is not None:
             step["attention_layers_kept"] = self._choice.attention_layers
         return step

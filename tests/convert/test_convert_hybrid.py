@@ -12,12 +12,14 @@ import seqtool
 from convert_helpers import fresh, logits, plain_transformers_logits
 from seqtool.arch.io import load_model
 from seqtool.cli.app import app
-from seqtool.convert.hybrid_layers import choose_layers, count_for_fraction, parse_layers, retrieval_scores
+from seqtool.convert.hybrid_layers import (choose_layers, count_for_fraction, needle_scores, parse_layers,
+                                           retrieval_scores)
 from seqtool.convert.hybrid_native import A_RANGE, DT_FLOOR, DT_RANGE, build_native_hybrid
 from seqtool.convert.layout import read_attention
 from seqtool.errors import BadInputError, UnsupportedModelError
 
 runner = CliRunner()
+INIT_ONLY = {"steps1": 0, "steps2": 0}
 EXACT_FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3"]  # qwen2: biases; phi3: fused q/k/v
 
 
@@ -26,7 +28,8 @@ def test_every_layer_kept_is_exact_after_plain_reload(tmp_path, ids):
     for family in EXACT_FAMILIES:
         loaded = fresh(family)
         want = logits(loaded.model, ids)
-        result = seqtool.convert(loaded, "hybrid", mixer="mamba2", attention_layers=[0, 1], output=tmp_path / family)
+        result = seqtool.convert(loaded, "hybrid", mixer="mamba2", attention_layers=[0, 1], output=tmp_path / family,
+                                 **INIT_ONLY)
         config = json.loads((tmp_path / family / "config.json").read_text())
         assert config["model_type"] == "granitemoehybrid" and config["architectures"] == ["GraniteMoeHybridForCausalLM"]
         assert config["layer_types"] == ["full_attention", "full_attention"]
@@ -92,6 +95,10 @@ def test_layer_choice_ranks_layers_by_retrieval_score():
     best_head_layer = int(find_retrieval_heads(model, 1 / (4 * 8))[0].split(".")[0])
     assert best_head_layer in kept  # the layer of razor's top retrieval head is kept
     assert "retrieval" in choice.describe()[-1] and choice.scores == [round(s, 4) for s in scores]
+    tok = load_model("ref", device="cpu", dtype="fp32").tokenizer
+    needle = needle_scores(model, tok, samples=2, seq_len=256)
+    # ref answers passkeys from its last two layers: they put most attention on the needle while answering
+    assert min(needle[2:]) > 0.9 and max(needle[:2]) < 0.7, needle
     assert count_for_fraction(0.25, 2) == 1 and count_for_fraction(0.0, 4) == 0 and count_for_fraction(1.0, 3) == 3
     assert parse_layers("3, 0,3") == [0, 3]
     with pytest.raises(BadInputError, match="comma-separated"):
@@ -100,15 +107,15 @@ def test_layer_choice_ranks_layers_by_retrieval_score():
 
 def test_library_errors():
     with pytest.raises(UnsupportedModelError, match="q/k norms"):
-        seqtool.convert(fresh("tiny-qwen3"), "hybrid", attention_layers=[0])
+        seqtool.convert(fresh("tiny-qwen3"), "hybrid", attention_layers=[0], **INIT_ONLY)
     with pytest.raises(BadInputError, match="either --attention-layers or --keep-attention"):
-        seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[0], keep_attention=0.5)
+        seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[0], keep_attention=0.5, **INIT_ONLY)
 
 
 def test_cli_converts_reloads_generates_and_rejects_bad_input(tmp_path):
     out = tmp_path / "h"
     res = runner.invoke(app, ["convert", "tiny-llama", "--to", "hybrid", "--mixer", "mamba2",
-                              "--attention-layers", "1", "-o", str(out)])
+                              "--attention-layers", "1", "--steps1", "0", "--steps2", "0", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "attention layers kept: [1]" in res.stdout and "GraniteMoeHybridForCausalLM" in res.stdout
     model = seqtool.load(str(out), device="cpu").model
@@ -128,3 +135,69 @@ def test_cli_converts_reloads_generates_and_rejects_bad_input(tmp_path):
     res = runner.invoke(app, ["convert", "tiny-qwen3", "--to", "hybrid", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "cannot reproduce this qwen3 model exactly: q/k norms" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- distillation (tiny, a few steps)
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    from seqtool.convert.calib import builtin_text
+
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(builtin_text(20_000))
+    return str(path)
+
+
+def test_two_stage_distillation_trains_the_right_parts_and_resumes_exactly(tmp_path, monkeypatch, small_text):
+    from seqtool.convert import hybrid_distill
+
+    opts = dict(attention_layers=[1], steps1=2, steps2=3, lora_r=2, train_seq_len=32, batch=2, eval_rows=4,
+                progress="off", data=small_text)
+    source = fresh("tiny-llama")
+    init = seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[1], **INIT_ONLY).model
+    assert hybrid_distill.attention_pairs(init, source.model) == {"model.layers.0.mamba": "model.layers.0.self_attn"}
+    whole = seqtool.convert(source, "hybrid", run_dir=str(tmp_path / "a"), **opts)
+    s1, s2 = whole.details["stages"]
+    assert (s1["stage"], s1["steps"], s2["stage"], s2["steps"]) == (1, 2, 2, 3)
+    assert "loss_match" in s1["loss_final"] and "loss_kl" in s2["loss_final"]
+    trained1 = torch.load(tmp_path / "a" / "stage1" / "checkpoint.pt", weights_only=False)["trainable"]
+    assert trained1 and all(".mamba." in n for n in trained1)  # stage 1: only the mixers train
+    trained2 = torch.load(tmp_path / "a" / "stage2" / "checkpoint.pt", weights_only=False)["trainable"]
+    assert any("lora_A" in n for n in trained2) and any(".mamba." in n and "lora" not in n for n in trained2)
+    before, final = dict(init.named_parameters()), dict(whole.model.named_parameters())
+    assert set(final) == set(before)  # LoRA merged away: the plain native class
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.shared_mlp.input_linear.weight",
+                 "model.layers.0.mamba.A_log"):
+        assert not torch.equal(final[name], before[name]), name
+    assert torch.equal(final["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+
+    real = hybrid_distill._run_stage
+
+    def killed(stage, trainer):
+        if stage == 2:
+            trainer.run(max_steps=1)  # one step, checkpoint, then the process "dies"
+            raise KeyboardInterrupt
+        return real(stage, trainer)
+
+    monkeypatch.setattr(hybrid_distill, "_run_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        seqtool.convert(fresh("tiny-llama"), "hybrid", run_dir=str(tmp_path / "b"), output=tmp_path / "out", **opts)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(hybrid_distill, "_run_stage", real)
+    resumed = seqtool.convert(fresh("tiny-llama"), "hybrid", run_dir=str(tmp_path / "b"), resume=True,
+                              output=tmp_path / "out", **opts)
+    assert [st["resumed_from"] for st in resumed.details["stages"]] == [2, 1]
+    for (n, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(q, p), n
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_rejects_data_shorter_than_a_row(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["convert", "tiny-llama", "--to", "hybrid", "--attention-layers", "1", "--data",
+                              str(short), "--seq-len", "64", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--seq-len" in lines[0], res.stderr
+    assert not out.exists() and not (tmp_path / "o.run").exists()
