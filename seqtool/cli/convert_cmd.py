@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
         mixer: Annotated[str, typer.Option("--mixer", help="hybrid: mixer replacing attention: mamba2 | linear | deltanet.")] = "mamba2",
         attention_layers: Annotated[str | None, typer.Option("--attention-layers", help="hybrid: layers kept as attention, e.g. 0,3 (default: by retrieval score).", show_default=False)] = None,
         keep_attention: Annotated[float | None, typer.Option("--keep-attention", help="hybrid: fraction of layers kept as attention, highest retrieval scores first (default 0.25).", show_default=False)] = None,
-        steps1: Annotated[int, typer.Option("--steps1", help="hybrid: stage-1 steps (attention transfer: only the new mixers train; 0 skips).")] = 100,
-        steps2: Annotated[int, typer.Option("--steps2", help="hybrid: stage-2 steps (KL to the original; mixers + LoRA on the rest; 0 skips).")] = 200,
-        lora_r: Annotated[int, typer.Option("--lora-r", help="hybrid: LoRA rank of stage 2.")] = 8,
+        steps1: Annotated[int | None, typer.Option("--steps1", help="hybrid: stage-1 steps (attention transfer: only the new mixers train; 0 skips; default 100).", show_default=False)] = None,
+        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL to the original; mixers + LoRA on the rest; 0 skips; default 200).", show_default=False)] = None,
+        lora_r: Annotated[int | None, typer.Option("--lora-r", help="hybrid: LoRA rank of stage 2 (default 8).", show_default=False)] = None,
         data: Annotated[str | None, typer.Option("--data", help="hybrid: training text (as seqtool finetune; default built-in corpus).", show_default=False)] = None,
         run_dir: Annotated[str | None, typer.Option("--run-dir", help="hybrid: checkpoints + loss logs of the two stages (default OUT.run).", show_default=False)] = None,
         resume: Annotated[bool, typer.Option("--resume", help="hybrid: continue a killed conversion from --run-dir.")] = False,
@@ -106,11 +106,12 @@ def register(app: typer.Typer) -> None:
             options = {"kv_heads": kv_heads, "grouping": grouping}
         out = resolve_output(model, output, in_place)
         if to == "hybrid":
+            # Unset options keep the library's defaults (seqtool.convert.hybrid), the recipe behind the docs' numbers.
+            given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len}
             options = {"mixer": mixer, "attention_layers": attention_layers, "keep_attention": keep_attention,
-                       "steps1": steps1, "steps2": steps2, "lora_r": lora_r, "data": data, "resume": resume,
-                       "run_dir": run_dir or (f"{out.rstrip('/')}.run" if steps1 or steps2 else None)}
-            if seq_len is not None:
-                options["train_seq_len"] = seq_len  # --seq-len: the training rows' length for hybrid
+                       "data": data, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
+            trains = not (steps1 == 0 and steps2 == 0)
+            options["run_dir"] = run_dir or (f"{out.rstrip('/')}.run" if trains else None)
         log(f"converting {model} -> {to} ...")
         result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len or 128, seed=seed,
                          recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype, device=device,

@@ -5,8 +5,10 @@
 Mixers: ``mamba2`` writes the native transformers ``GraniteMoeHybridForCausalLM`` (plain ``AutoModelForCausalLM``
 loads it without seqtool), initialised from the attention weights as in Mamba-in-the-Llama
 (:mod:`seqtool.convert.hybrid_native`). Which layers stay attention: :mod:`seqtool.convert.hybrid_layers`.
-``linear`` (LoLCATs) and ``deltanet`` (gated delta rule) are named but not implemented yet: they raise
-:class:`~seqtool.errors.NotImplementedMethodError`.
+The hybrid is then distilled from the original in two stages on the training engine
+(:mod:`seqtool.convert.hybrid_distill`: attention transfer on the mixers, then KL with LoRA on the rest;
+``steps1=0, steps2=0`` keeps the initialisation). ``linear`` (LoLCATs) and ``deltanet`` (gated delta rule) are
+named but not implemented yet: they raise :class:`~seqtool.errors.NotImplementedMethodError`.
 
 Exact case: listing every layer as attention gives the source model's logits exactly (after save + plain reload).
 The source model passed in memory is not modified; ``result.model`` is the new hybrid.
@@ -37,7 +39,10 @@ NATIVE_MIXERS = ("mamba2",)
 @dataclass
 class HybridConversion(Conversion):
     """Options: ``mixer`` (mamba2|linear|deltanet), ``attention_layers`` (indices kept as attention, e.g. "0,3")
-    or ``keep_attention`` (fraction of layers kept, ranked by retrieval score; default 0.25), ``seed`` (mixer init)."""
+    or ``keep_attention`` (fraction of layers kept, ranked by retrieval score; default 0.25), ``seed`` (mixer init,
+    LoRA init, data order); distillation: ``steps1``/``steps2`` (0 skips a stage), ``lora_r``, ``train_seq_len``,
+    ``batch``, ``lr1``/``lr2``, ``data`` (None: built-in corpus), ``eval_rows`` (held-out rows for the before/after
+    loss), ``run_dir`` (checkpoints; needed for ``resume``), ``progress``."""
 
     mixer: str = "mamba2"
     attention_layers: Any = None

@@ -132,16 +132,30 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
             run_dir: str | Path | None = None, resume: bool = False, identity: dict | None = None,
             progress: str = "auto") -> tuple[nn.Module, list[StageResult]]:
     """Run stage 1 then stage 2 on ``student`` (a hybrid built from ``teacher``); returns the trained, merged
-    student and one :class:`StageResult` per stage that ran (steps 0 skips a stage)."""
+    student and one :class:`StageResult` per stage that ran (steps 0 skips a stage). ``teacher`` (the original
+    model) is frozen during the run and handed back unchanged."""
+    config.check()
+    was_training, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    try:
+        return _distill(student, teacher, tokenizer, config, run_dir=run_dir, resume=resume, identity=identity,
+                        progress=progress)
+    finally:  # the caller's model comes back as it was
+        teacher.train(was_training)
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig, *,
+             run_dir: str | Path | None, resume: bool, identity: dict | None,
+             progress: str) -> tuple[nn.Module, list[StageResult]]:
     from seqtool.train.data import DataConfig, build_data
     from seqtool.train.loop import Trainer, TrainConfig
     from seqtool.train.objectives import KLDistill
     from seqtool.train.trainable import LoraOptions, merge, prepare
 
-    config.check()
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     longest = max(config.steps1, config.steps2)
     data_cfg = DataConfig(source=config.data, seq_len=config.seq_len, seed=config.seed,
                           mix_retrieval=config.mix_retrieval,

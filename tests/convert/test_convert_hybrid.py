@@ -156,6 +156,7 @@ def test_two_stage_distillation_trains_the_right_parts_and_resumes_exactly(tmp_p
     init = seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[1], **INIT_ONLY).model
     assert hybrid_distill.attention_pairs(init, source.model) == {"model.layers.0.mamba": "model.layers.0.self_attn"}
     whole = seqtool.convert(source, "hybrid", run_dir=str(tmp_path / "a"), **opts)
+    assert all(p.requires_grad for p in source.model.parameters())  # the teacher is handed back as it came
     s1, s2 = whole.details["stages"]
     assert (s1["stage"], s1["steps"], s2["stage"], s2["steps"]) == (1, 2, 2, 3)
     assert "loss_match" in s1["loss_final"] and "loss_kl" in s2["loss_final"]
