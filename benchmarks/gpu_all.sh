@@ -10,6 +10,9 @@ start=$(date +%s)
 left() { echo $(( total - ($(date +%s) - start) )); }
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 python -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))" > "$out/env.txt" 2>&1
+# flash-linear-attention is the speed anchor of the gated rows (gated_linear_attn / delta_rule_attn vs fla's chunk
+# kernels); they are skipped with a note when it does not import. Record whether it is there.
+python -c "import fla; print('fla', fla.__version__)" >> "$out/env.txt" 2>&1 || echo "fla not installed" >> "$out/env.txt"
 # 1. Triton kernels: correctness against the references, then the kernel benchmark table.
 timeout $(( $(left) * 6 / 10 )) python benchmarks/gpu_kernels_check.py --out "$out/kernels" --budget-s $(( $(left) * 5 / 10 )) \
   > "$out/kernels.log" 2>&1

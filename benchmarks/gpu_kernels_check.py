@@ -3,8 +3,9 @@
     python benchmarks/gpu_kernels_check.py --out "$OUT" --budget-s 480
 
 Priority order: (1) correctness of each Triton kernel against reference.py on small awkward shapes
-(bf16/fp16/fp32, head_dim 60/64/96/128, GQA 1/2/4, odd lengths, Tq < Tk, kv_start, empty rows, linear_attn
-gradients), (2) a large-shape cross-check Triton vs the PyTorch path, (3) benchmarks/kernels.py rows
+(bf16/fp16/fp32, head_dim 60/64/96/128, GQA 1/2/4, odd lengths, Tq < Tk, kv_start, empty rows, gradients of
+linear_attn, gated_linear_attn and delta_rule_attn), (2) large-shape cross-checks Triton vs the PyTorch path,
+(3) benchmarks/kernels.py rows, gated ops against flash-linear-attention's chunk kernels when fla imports
 (most important first). Every result is written as soon as it exists: correctness.jsonl / correctness.md,
 kernels-cuda.json / kernels-cuda.md, env.json. A failing check is recorded, never fatal.
 """
@@ -25,7 +26,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from seqtool.kernels import (block_sparse_attn, decode_attn, linear_attn, linear_attn_step,  # noqa: E402
+from seqtool.kernels import (block_sparse_attn, decode_attn, delta_rule_attn, delta_rule_attn_step,  # noqa: E402
+                             gated_linear_attn, gated_linear_attn_step, linear_attn, linear_attn_step,
                              vertical_slash_attn)
 from seqtool.kernels.block_sparse.reference import masked_attention_reference, vertical_slash_mask  # noqa: E402
 from seqtool.kernels.testing import random_block_pattern, rel_rms  # noqa: E402
@@ -156,6 +158,77 @@ def linear_case(B, Hq, Hkv, T, Dk, Dv, dtype, decay, chunk):
     return run
 
 
+def gated_case(op, B, H, T, Dk, Dv, dtype, variant, chunk):
+    """Triton and torch paths vs the reference: out, final state and every gradient; plus the decode step.
+
+    op "gla": variant "head" (B, H, T) or "dim" (B, H, T, Dk) log-decay; op "delta": variant "gated" or "plain".
+    """
+    def run():
+        g = torch.Generator(device=DEV).manual_seed(11)
+
+        def rnd(*shape):
+            return torch.randn(*shape, device=DEV, generator=g)
+
+        q = (rnd(B, H, T, Dk) / Dk ** 0.5).to(dtype).requires_grad_()
+        k = F.normalize(rnd(B, H, T, Dk), dim=-1).to(dtype).requires_grad_()
+        v = rnd(B, H, T, Dv).to(dtype).requires_grad_()
+        s0 = rnd(B, H, Dk, Dv).requires_grad_()
+        ld = F.logsigmoid(rnd(*((B, H, T, Dk) if variant == "dim" else (B, H, T))) + 2).requires_grad_()
+        beta = torch.sigmoid(rnd(B, H, T)).requires_grad_()
+        if op == "gla":
+            ins = [q, k, v, ld, s0]
+
+            def call(backend):
+                return gated_linear_attn(q, k, v, ld, chunk=chunk, initial_state=s0, return_state=True, scale=0.5,
+                                         backend=backend)
+        else:
+            gate = ld if variant == "gated" else None
+            ins = [q, k, v, beta, s0] + ([ld] if gate is not None else [])
+
+            def call(backend):
+                return delta_rule_attn(q, k, v, beta, log_decay=gate, chunk=chunk, initial_state=s0,
+                                       return_state=True, scale=0.5, backend=backend)
+        res = {}
+        for backend in ("triton", "torch", "reference"):
+            o, s = call(backend)
+            wo = torch.randn(o.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(8))
+            ws = torch.randn(s.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(9))
+            res[backend] = (o, s) + tuple(torch.autograd.grad((o.float() * wo).sum() + (s * ws).sum(), ins))
+        names = ("out", "final_state", "dq", "dk", "dv") + (("dlog_decay", "ds0") if op == "gla" else
+                                                            ("dbeta", "ds0", "dlog_decay"))
+        errs = {}
+        for backend in ("triton", "torch"):
+            errs.update({f"{backend}_{n}": rel_rms(r, t) for n, r, t in zip(names, res["reference"], res[backend])})
+        with torch.no_grad():
+            if op == "gla":
+                o_step, _ = gated_linear_attn_step(q[:, :, :4], k[:, :, :4], v[:, :, :4], ld[:, :, :4], s0, scale=0.5)
+            else:
+                o_step, _ = delta_rule_attn_step(q[:, :, :4], k[:, :, :4], v[:, :, :4], beta[:, :, :4], s0,
+                                                 log_decay=None if variant != "gated" else ld[:, :, :4], scale=0.5)
+        errs["step_vs_chunked"] = rel_rms(res["triton"][0][:, :, :4], o_step)
+        return errs, TOL[dtype] * 2
+    return run
+
+
+def gated_large_cross_check(T, dtype):
+    """Triton vs the chunked PyTorch path (same GPU) at a length the reference loop is too slow for."""
+    def run():
+        g = torch.Generator(device=DEV).manual_seed(12)
+        B, H, D = 1, 8, 128
+        q = (torch.randn(B, H, T, D, device=DEV, generator=g) / D ** 0.5).to(dtype)
+        k = F.normalize(torch.randn(B, H, T, D, device=DEV, generator=g), dim=-1).to(dtype)
+        v = torch.randn(B, H, T, D, device=DEV, generator=g).to(dtype)
+        ld = F.logsigmoid(torch.randn(B, H, T, device=DEV, generator=g) + 3)
+        beta = torch.sigmoid(torch.randn(B, H, T, device=DEV, generator=g))
+        errs = {}
+        with torch.no_grad():
+            for name, fn in (("gla", lambda b: gated_linear_attn(q, k, v, ld, backend=b)),
+                             ("gated_delta", lambda b: delta_rule_attn(q, k, v, beta, log_decay=ld, backend=b))):
+                errs[name] = rel_rms(fn("torch"), fn("triton"))
+        return errs, TOL[dtype]
+    return run
+
+
 def large_cross_check(T, dtype):
     """Triton vs the PyTorch path at a size the reference cannot handle."""
     def run():
@@ -185,8 +258,15 @@ def correctness(log: Log, large: bool = True) -> None:
     log.check("linear fwd+bwd bf16 D128 g4 T300 decay", linear_case(1, 8, 2, 300, 128, 128, bf, True, 64))
     log.check("linear fwd+bwd fp32 D64 g1 T257 no decay", linear_case(2, 2, 2, 257, 64, 64, f32, False, 64))
     log.check("linear fwd+bwd fp16 Dk60 Dv96 g2 T129 decay", linear_case(1, 4, 2, 129, 60, 96, fp, True, 32))
+    log.check("gla fwd+bwd fp32 D64 head decay B2 T63", gated_case("gla", 2, 2, 63, 64, 64, f32, "head", 16))
+    log.check("gla fwd+bwd bf16 D128 per-dim decay T257", gated_case("gla", 1, 4, 257, 128, 128, bf, "dim", 64))
+    log.check("gla fwd+bwd fp16 Dk60 Dv96 head decay T100", gated_case("gla", 1, 2, 100, 60, 96, fp, "head", 32))
+    log.check("delta fwd+bwd fp32 D64 gated B2 T63", gated_case("delta", 2, 2, 63, 64, 64, f32, "gated", 16))
+    log.check("delta fwd+bwd bf16 D128 gated T257", gated_case("delta", 1, 4, 257, 128, 128, bf, "gated", 64))
+    log.check("delta fwd+bwd fp16 Dk60 Dv96 plain T100", gated_case("delta", 1, 2, 100, 60, 96, fp, "plain", 32))
     if large:
         log.check("large cross-check bf16 T16k (triton vs torch path)", large_cross_check(16384, bf))
+        log.check("gated large cross-check bf16 T8k (triton vs torch path)", gated_large_cross_check(8192, bf))
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""Kernel benchmarks: block-sparse prefill, split-KV / paged decode, chunked linear attention vs torch SDPA.
+"""Kernel benchmarks: block-sparse prefill, split-KV / paged decode, chunked linear attention vs torch SDPA,
+gated linear attention / (gated) delta rule: time per token vs length, and forward + backward vs SDPA.
 
 One command:  python benchmarks/kernels.py            (CPU: PyTorch paths at small sizes; CUDA: Triton kernels
 at Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, bf16)
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from seqtool.kernels import block_sparse_attn, decode_attn, linear_attn
+from seqtool.kernels import block_sparse_attn, decode_attn, delta_rule_attn, gated_linear_attn, linear_attn
 from seqtool.kernels.testing import kept_pairs, random_block_pattern
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,7 +93,8 @@ class Timer:
     def __init__(self, device: torch.device, reps: int):
         self.device, self.reps = device, reps
 
-    def measure(self, fns: dict) -> dict:
+    def measure(self, fns: dict, stat: str = "min") -> dict:
+        """Seconds per call of each fn; stat ("min" or "median") picks among the CPU rounds."""
         if self.device.type == "cuda":
             from triton.testing import do_bench
 
@@ -105,6 +107,8 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+        if stat == "median":
+            return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
         return {name: min(ts) for name, ts in times.items()}
 
 
@@ -255,6 +259,128 @@ def bench_linear(sink, timer, device, dtype, B, H, D, T, chunk=64, with_sdpa=Tru
                  note=f"{t / T * 1e9:.1f} ns/token"))
 
 
+def _gated_inputs(device, dtype, B, H, D, T, *, grad=False, seed=0) -> dict:
+    """Unit-norm keys, slow-ish decays (logsigmoid(N(3, 1))), beta = sigmoid(N(0, 1)): a Gated DeltaNet regime."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+
+    x = {"q": rnd(B, H, T, D) / math.sqrt(D), "k": F.normalize(rnd(B, H, T, D), dim=-1), "v": rnd(B, H, T, D),
+         "g": F.logsigmoid(rnd(B, H, T) + 3), "gd": F.logsigmoid(rnd(B, H, T, D) + 3),
+         "beta": torch.sigmoid(rnd(B, H, T))}
+    for n in ("q", "k", "v"):
+        x[n] = x[n].to(dtype)
+    if grad:
+        for t in x.values():
+            t.requires_grad_()
+    return x
+
+
+# name -> (call, the inputs it differentiates)
+GATED_OPS = {
+    "gla head decay": (lambda x: gated_linear_attn(x["q"], x["k"], x["v"], x["g"]), ("q", "k", "v", "g")),
+    "gla per-dim decay": (lambda x: gated_linear_attn(x["q"], x["k"], x["v"], x["gd"]), ("q", "k", "v", "gd")),
+    "gated delta rule": (lambda x: delta_rule_attn(x["q"], x["k"], x["v"], x["beta"], log_decay=x["g"]),
+                         ("q", "k", "v", "beta", "g")),
+}
+
+
+def _fla_ops() -> dict:
+    """flash-linear-attention's chunk kernels (GPU only) in their (B, T, H, D) layout, when fla imports."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # not installed, or an incompatible version
+        return {}
+
+    def t(x, n):
+        return x[n + "_bthd"]
+
+    return {
+        "fla chunk_simple_gla": (lambda x: chunk_simple_gla(q=t(x, "q"), k=t(x, "k"), v=t(x, "v"), g=t(x, "g"),
+                                                            scale=1.0)[0], ("q", "k", "v", "g")),
+        "fla chunk_gla": (lambda x: chunk_gla(q=t(x, "q"), k=t(x, "k"), v=t(x, "v"), g=t(x, "gd"), scale=1.0)[0],
+                          ("q", "k", "v", "gd")),
+        "fla chunk_gated_delta_rule": (lambda x: chunk_gated_delta_rule(
+            q=t(x, "q"), k=t(x, "k"), v=t(x, "v"), g=t(x, "g"), beta=t(x, "beta"), scale=1.0)[0],
+            ("q", "k", "v", "beta", "g")),
+    }
+
+
+def _to_bthd(x: dict) -> None:
+    """Adds fla-layout leaf copies (B, T, H, ...) of every input, made outside the timing."""
+    for n in list(x):
+        t = x[n].detach().transpose(1, 2).contiguous()
+        x[n + "_bthd"] = t.requires_grad_(x[n].requires_grad)
+
+
+def bench_gated_scaling(sink, timer, device, dtype, B, H, D, Ts, ops=tuple(GATED_OPS)):
+    """Chunked forward of the gated ops: time per token vs length; all lengths timed interleaved, medians."""
+    for name in ops:
+        call = GATED_OPS[name][0]
+        inputs = {T: _gated_inputs(device, dtype, B, H, D, T) for T in Ts}
+        fns = {T: (lambda x=inputs[T]: call(x)) for T in Ts}
+        with torch.no_grad():
+            times = timer.measure(fns, stat="median")
+        base, prev = times[Ts[0]] / Ts[0], None
+        for T in Ts:
+            per = times[T] / T
+            note = f"{per * 1e9:.0f} ns/token; per token x{per / base:.2f} vs T{Ts[0] // 1024}k"
+            if prev is not None:
+                note += f", x{per / prev:.2f} vs previous length"
+            sink.add(Row("gated_scaling", _shape(B, H, H, T, D, dtype), f"{name} fwd", times[T] * 1e3, note=note))
+            prev = per
+        del inputs, fns
+
+
+def bench_gated_train(sink, timer, device, dtype, B, H, D, T, with_fla=False):
+    """Forward + backward (all input gradients) of the gated ops vs causal SDPA forward + backward, same B, H, D."""
+    x = _gated_inputs(device, dtype, B, H, D, T, grad=True)
+    gen = torch.Generator(device=device).manual_seed(1)
+    do = torch.randn(B, H, T, D, device=device, generator=gen).to(dtype)
+    ops = dict(GATED_OPS)
+    if with_fla:
+        fla = _fla_ops()
+        if fla:
+            _to_bthd(x)
+            x["do_bthd"] = do.transpose(1, 2).contiguous()
+            ops.update(fla)
+        else:
+            sink.add(Row("gated_train", _shape(B, H, H, T, D, dtype), "fla", float("nan"),
+                         note="flash-linear-attention not importable here: no fla rows"))
+
+    def fwd_bwd(call, names, fla_layout):
+        def run():
+            out = call(x)
+            ins = [x[n + "_bthd"] if fla_layout else x[n] for n in names]
+            return torch.autograd.grad(out, ins, x["do_bthd"] if fla_layout else do)
+        return run
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True)
+        return torch.autograd.grad(out, [x["q"], x["k"], x["v"]], do)
+
+    fns = {"sdpa": sdpa}
+    fns.update({name: fwd_bwd(call, names, name.startswith("fla")) for name, (call, names) in ops.items()})
+    times = {}
+    try:
+        times = timer.measure(fns, stat="median")
+    except Exception as e:  # an fla kernel that fails here must not hide our rows: retry without fla
+        sink.add(Row("gated_train", _shape(B, H, H, T, D, dtype), "fla", float("nan"),
+                     note=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+        times = timer.measure({n: f for n, f in fns.items() if not n.startswith("fla")}, stat="median")
+    shape = _shape(B, H, H, T, D, dtype)
+    base = times["sdpa"]
+    sink.add(Row("gated_train", shape, "sdpa causal fwd+bwd", base * 1e3))
+    for name in fns:
+        if name != "sdpa" and name in times:
+            t = times[name]
+            sink.add(Row("gated_train", shape, f"{name} fwd+bwd", t * 1e3, "sdpa causal", base * 1e3, base / t,
+                         note=f"{t / T * 1e9:.0f} ns/token"))
+
+
 def _meta(device, reps):
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": reps,
@@ -281,6 +407,16 @@ def run_cpu(sink, timer, quick: bool):
             bench_decode(sink, timer, dev, dt, B, 8, 2, 64, T, page_frac=1 / 16)
     for T in ([4096] if quick else [4096, 16384]):
         bench_linear(sink, timer, dev, dt, 1, 8, 64, T)
+    run_cpu_gated(sink, timer, quick)
+
+
+def run_cpu_gated(sink, timer, quick: bool):
+    """The gated-kernel rows alone (``--only gated``): B1 H8 D64 fp32."""
+    dev, dt = torch.device("cpu"), torch.float32
+    sink.meta["timing_gated"] = f"gated rows: median of {timer.reps} interleaved rounds"
+    Ts = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]
+    bench_gated_scaling(sink, timer, dev, dt, 1, 8, 64, Ts)
+    bench_gated_train(sink, timer, dev, dt, 1, 8, 64, 4096)
 
 
 def run_cuda(sink, timer, deadline: float, quick: bool):
@@ -292,6 +428,8 @@ def run_cuda(sink, timer, deadline: float, quick: bool):
         lambda: bench_linear(sink, timer, dev, dt, 1, 32, 128, 32768),
         lambda: bench_linear(sink, timer, dev, dt, 1, 32, 128, 8192),
         lambda: bench_linear(sink, timer, dev, dt, 1, 32, 128, 131072, with_sdpa=False),
+        lambda: bench_gated_train(sink, timer, dev, dt, 1, 32, 128, 8192, with_fla=True),
+        lambda: bench_gated_scaling(sink, timer, dev, dt, 1, 32, 128, [4096, 8192, 16384, 32768]),
     ]
     if not quick:
         jobs += [lambda T=T: bench_block_sparse(sink, timer, dev, dt, 1, 32, 8, 128, T, [0.5, 0.8, 0.9, 0.95])
@@ -319,15 +457,21 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--quick", action="store_true", help="only the most important rows")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs only)")
+    ap.add_argument("--only", choices=["all", "gated"], default="all",
+                    help="gated: only the gated linear attention / delta rule rows (CPU; kernels-cpu-gated.*)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     timer = Timer(device, args.reps)
-    sink = Sink(Path(args.out) / f"kernels-{device.type}", _meta(device, args.reps))
+    suffix = "-gated" if args.only == "gated" else ""
+    sink = Sink(Path(args.out) / f"kernels-{device.type}{suffix}", _meta(device, args.reps))
     t0 = time.time()
-    if device.type == "cuda":
+    if args.only == "gated" and device.type == "cpu":
+        sink.meta.pop("timing", None)  # these rows keep medians (timing_gated), not the best round
+        run_cpu_gated(sink, timer, args.quick)
+    elif device.type == "cuda":
         run_cuda(sink, timer, t0 + args.budget_s, args.quick)
     else:
         run_cpu(sink, timer, args.quick)

@@ -41,6 +41,19 @@ Signatures (all arguments after ``*`` are keyword-only)::
     linear_attn_step(q, k, v, state, *, decay=None, scale=1.0) -> (out, new_state)
         recurrent decode form (any T, usually 1), equal to linear_attn with initial_state=state.
 
+    gated_linear_attn(q, k, v, log_decay, *, chunk=64, initial_state=None, return_state=False, scale=1.0,
+                      backend="auto") -> out | (out, final_state)
+        S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t; log_decay g <= 0 (B, H, T) per token
+        and head (Mamba2 / Lightning) or (B, H, T, Dk) per key dim (GLA). q, k (B, H, T, Dk), v (B, H, T, Dv);
+        states (B, H, Dk, Dv) fp32. Differentiable in every input.
+    gated_linear_attn_step(q, k, v, log_decay, state, *, scale=1.0) -> (out, new_state)
+
+    delta_rule_attn(q, k, v, beta, *, log_decay=None, chunk=64, initial_state=None, return_state=False,
+                    scale=1.0, backend="auto") -> out | (out, final_state)
+        (Gated) DeltaNet: S_t = a_t S_{t-1} + beta_t k_t^T (v_t - a_t k_t S_{t-1}), a_t = exp(g_t);
+        beta (B, H, T); log_decay (B, H, T) or None; chunked WY form on CPU. Differentiable in every input.
+    delta_rule_attn_step(q, k, v, beta, state, *, log_decay=None, scale=1.0) -> (out, new_state)
+
     merge_attn_states(out1, lse1, out2, lse2) -> (out, lse)
         attention over the union of two disjoint key sets (e.g. sink + window + selected pages).
 
@@ -51,6 +64,8 @@ from __future__ import annotations
 from ._common import HAS_TRITON
 from .block_sparse import block_sparse_attn, vertical_slash_attn, vertical_slash_index
 from .decode import decode_attn
+from .delta_rule import delta_rule_attn, delta_rule_attn_step
+from .gated_linear import gated_linear_attn, gated_linear_attn_step
 from .linear import linear_attn, linear_attn_step
 from .merge import merge_attn_states
 
@@ -58,6 +73,10 @@ __all__ = [
     "HAS_TRITON",
     "block_sparse_attn",
     "decode_attn",
+    "delta_rule_attn",
+    "delta_rule_attn_step",
+    "gated_linear_attn",
+    "gated_linear_attn_step",
     "linear_attn",
     "linear_attn_step",
     "merge_attn_states",

@@ -1,0 +1,10 @@
+"""Triton path of delta_rule_attn: the shared recurrent kernels (forward + backward) of _triton_recurrent."""
+from __future__ import annotations
+
+from .._triton_recurrent import recurrent_triton
+
+
+def delta_rule_triton(q, k, v, beta, *, log_decay=None, chunk=64, scale=1.0, initial_state=None):
+    """Returns (out (B, H, T, Dv) in q.dtype, final state fp32 (B, H, Dk, Dv)); differentiable in every input."""
+    return recurrent_triton(q, k, v, log_decay=log_decay, beta=beta, initial_state=initial_state, scale=scale,
+                            chunk=chunk)
