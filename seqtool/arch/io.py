@@ -160,6 +160,9 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
         loaded = LoadedModel(model, tokenizer, source)
     else:
         config = _check_loadable(resolved)
+        from seqtool.models import register  # seqtool's own classes (hybrid mixers) become Auto*-loadable
+
+        register()
         torch_dtype = torch_dtype or (checkpoint_dtype(config) if meta else _auto_dtype(config, target))
         if meta:
             hf_config = AutoConfig.from_pretrained(resolved, local_files_only=True, trust_remote_code=False)

@@ -7,8 +7,10 @@ loads it without seqtool), initialised from the attention weights as in Mamba-in
 (:mod:`seqtool.convert.hybrid_native`). Which layers stay attention: :mod:`seqtool.convert.hybrid_layers`.
 The hybrid is then distilled from the original in two stages on the training engine
 (:mod:`seqtool.convert.hybrid_distill`: attention transfer on the mixers, then KL with LoRA on the rest;
-``steps1=0, steps2=0`` keeps the initialisation). ``linear`` (LoLCATs) and ``deltanet`` (gated delta rule) are
-named but not implemented yet: they raise :class:`~seqtool.errors.NotImplementedMethodError`.
+``steps1=0, steps2=0`` keeps the initialisation).
+``deltanet`` (Gated DeltaNet) writes seqtool's own ``SeqtoolHybridForCausalLM`` (:mod:`seqtool.models`,
+:mod:`seqtool.convert.hybrid_seqtool`); ``linear`` (LoLCATs) is named but not implemented yet: it raises
+:class:`~seqtool.errors.NotImplementedMethodError`.
 
 Exact case: listing every layer as attention gives the source model's logits exactly (after save + plain reload).
 The source model passed in memory is not modified; ``result.model`` is the new hybrid.
@@ -33,6 +35,7 @@ DEFAULT_STEPS2 = 200
 DEFAULT_SEQ_LEN = 256
 _RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)
+IMPLEMENTED = ("mamba2", "deltanet")
 
 
 @register("hybrid")
@@ -86,15 +89,15 @@ class HybridConversion(Conversion):
         else:
             n_keep = 1
         self._distill_config().check()
-        if self.mixer in NATIVE_MIXERS:
-            if n_keep == 0:
-                raise BadInputError("--mixer mamba2 needs at least one attention layer (the native "
-                                    "GraniteMoeHybrid class needs one for cached generate)")
-            from seqtool.convert.hybrid_native import check_native
+        if self.mixer not in IMPLEMENTED:
+            raise NotImplementedMethodError(f"--mixer {self.mixer} is not implemented yet; use "
+                                            f"{' or '.join(IMPLEMENTED)}")
+        if self.mixer in NATIVE_MIXERS and n_keep == 0:
+            raise BadInputError("--mixer mamba2 needs at least one attention layer (the native "
+                                "GraniteMoeHybrid class needs one for cached generate)")
+        from seqtool.convert.hybrid_native import check_native
 
-            check_native(model)
-        else:
-            raise NotImplementedMethodError(f"--mixer {self.mixer} is not implemented yet; use --mixer mamba2")
+        check_native(model, self.mixer)
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor | None) -> dict:
         from seqtool.convert.hybrid_native import build_native_hybrid
@@ -104,7 +107,12 @@ class HybridConversion(Conversion):
                                      keep_attention=self.keep_attention, tokenizer=self.tokenizer,
                                      seed=self.seed)
         kept = self._choice.attention_layers
-        hybrid = build_native_hybrid(model, kept, seed=self.seed)
+        if self.mixer in NATIVE_MIXERS:
+            hybrid = build_native_hybrid(model, kept, seed=self.seed)
+        else:
+            from seqtool.convert.hybrid_seqtool import build_seqtool_hybrid
+
+            hybrid = build_seqtool_hybrid(model, kept, mixer=self.mixer, seed=self.seed)
         stages = []
         if self.steps1 or self.steps2:
             from seqtool.convert.hybrid_distill import distill

@@ -56,10 +56,16 @@ class DistillConfig:
 
 def mixer_module_names(model: nn.Module, spec: FamilySpec | None = None) -> list[str]:
     """Qualified names of every non-attention mixer module present (e.g. ``model.layers.1.mamba``)."""
+    from seqtool.arch.registry import attention_layer_indices
+
     spec = spec or get_family(model)
+    attention = set(attention_layer_indices(model.config))
     names = []
     for i, layer in enumerate(decoder_layers(model)):
-        for attr in spec.mixers:
+        if i in attention:
+            continue
+        # a separate module (granitemoehybrid's ``mamba``) or one sitting in the attention slot (seqtool_hybrid)
+        for attr in spec.mixers or (spec.attention,):
             if getattr(layer, attr, None) is not None:
                 names.append(f"{spec.layers}.{i}.{attr}")
     return names

@@ -29,8 +29,9 @@ DT_FLOOR = 1e-4
 A_RANGE = (1.0, 16.0)
 
 
-def native_problems(model: nn.Module) -> list[str]:
-    """Why ``model`` cannot be rewritten exactly into GraniteMoeHybrid (empty list: it can)."""
+def native_problems(model: nn.Module, *, mamba: bool = True) -> list[str]:
+    """Why ``model`` cannot be rewritten exactly into GraniteMoeHybrid (``mamba``) or into seqtool's Llama-based
+    hybrid class (empty list: it can)."""
     config = model.config
     spec = get_family(model)
     heads, _, head_dim = head_counts(config)
@@ -48,19 +49,20 @@ def native_problems(model: nn.Module) -> list[str]:
     mlp = read_mlp(getattr(decoder_layers(model)[0], spec.mlp), spec)
     if any(b is not None for b in (mlp.gate_bias, mlp.up_bias, mlp.down_bias)):
         problems.append("MLP biases (GraniteMoeHybrid's MLP has none)")
-    if (heads * head_dim) % hidden:
+    if mamba and (heads * head_dim) % hidden:
         problems.append(f"heads x head_dim = {heads * head_dim} is not a multiple of hidden {hidden} (mamba_expand must "
                         "be an integer)")
     return problems
 
 
-def check_native(model: nn.Module) -> None:
-    """One-line error when no native class reproduces ``model`` exactly."""
-    problems = native_problems(model)
+def check_native(model: nn.Module, mixer: str = "mamba2") -> None:
+    """One-line error when the target class cannot reproduce ``model`` exactly."""
+    problems = native_problems(model, mamba=mixer == "mamba2")
     if problems:
+        target = "the native GraniteMoeHybrid class" if mixer == "mamba2" else "seqtool's Llama-based hybrid class"
         raise UnsupportedModelError(
-            f"--mixer mamba2 writes the native GraniteMoeHybrid class, which cannot reproduce this "
-            f"{model.config.model_type} model exactly: {'; '.join(problems)}"
+            f"--mixer {mixer} writes {target}, which cannot reproduce this {model.config.model_type} model exactly: "
+            f"{'; '.join(problems)}"
         )
 
 

@@ -2,6 +2,7 @@
 attention weights, cached decode == one forward, layer choice by retrieval score, one-line errors."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -202,3 +203,48 @@ def test_cli_rejects_data_shorter_than_a_row(tmp_path):
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--seq-len" in lines[0], res.stderr
     assert not out.exists() and not (tmp_path / "o.run").exists()
+
+
+# ---------------------------------------------------------------- deltanet (seqtool's own class)
+@torch.no_grad()
+def test_deltanet_exact_when_kept_decode_equals_forward_and_reloads(tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    for family in ("tiny-llama", "tiny-qwen2"):  # qwen2: q/k/v biases, GQA repeat in the mixer
+        loaded = fresh(family)
+        want = logits(loaded.model, ids)
+        res = seqtool.convert(loaded, "hybrid", mixer="deltanet", attention_layers=[0, 1], output=tmp_path / family,
+                              **INIT_ONLY)
+        assert torch.equal(logits(res.model, ids), want)
+        importlib.import_module("seqtool.models")  # registers the class with Auto*
+
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32).eval()
+        assert type(reloaded).__name__ == "SeqtoolHybridForCausalLM"
+        assert torch.equal(logits(reloaded, ids), want)
+    hybrid = seqtool.convert(fresh("tiny-mistral"), "hybrid", mixer="deltanet", attention_layers=[1],
+                             **INIT_ONLY).model
+    assert hybrid.config.layer_types == ["linear_attention", "full_attention"]
+    from seqtool.convert.hybrid_distill import mixer_module_names
+
+    assert mixer_module_names(hybrid) == ["model.layers.0.self_attn"]  # what stage 1 trains
+    x = torch.randint(4, 300, (2, 21), generator=torch.Generator().manual_seed(1))
+    full = hybrid(x).logits
+    out = hybrid(x[:, :13], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(13, 21):
+        out = hybrid(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    assert type(seqtool.load(str(tmp_path / "tiny-llama"), device="cpu").model).__name__ == "SeqtoolHybridForCausalLM"
+
+
+def test_models_register_lazily():
+    import subprocess
+    import sys
+
+    code = ("import seqtool\nfrom transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "assert 'seqtool_hybrid' not in CONFIG_MAPPING\nimport seqtool.models\n"
+            "assert 'seqtool_hybrid' in CONFIG_MAPPING\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
