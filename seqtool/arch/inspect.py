@@ -58,7 +58,7 @@ class InspectResult:
 
 
 def _count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return 0 if module is None else sum(p.numel() for p in module.parameters())  # None: a hybrid's non-attention layer
 
 
 def inspect_model(source: str, *, dtype: str = "auto") -> InspectResult:

@@ -143,6 +143,9 @@ class FamilySpec:
     moe: MoeSpec | None = None
     attention_experts: AttentionExpertsSpec | None = None
     moe_target: str | None = None  # the family ``convert --to moe`` writes for this dense family
+    # modules that replace ``attention`` in some layers of a hybrid family (a layer holds one of them or the
+    # attention module); empty where the mixer sits under the attention module's own name
+    mixers: tuple[str, ...] = ()
 
     @property
     def fused_qkv(self) -> bool:
@@ -171,6 +174,7 @@ def all_families() -> dict[str, FamilySpec]:
         bad = set(raw.get("mixer_kinds", {}).values()) - set(MIXER_KINDS)
         if bad:
             raise ValueError(f"{path.name}: unknown mixer kind(s) {sorted(bad)}; known: {MIXER_KINDS}")
+        raw["mixers"] = tuple(raw.get("mixers", ()))
         families[raw["family"]] = FamilySpec(**raw)
     return families
 
@@ -290,3 +294,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             size = sum(p.numel() for p in experts.parameters())
             inactive += size * (kind.experts - kind.top_k) // kind.experts
     return total, total - inactive
+
+
+def attention_layer_indices(config: Any) -> list[int]:
+    """Indices of the layers whose mixer is softmax attention (every layer unless the family is hybrid)."""
+    return [i for i, kind in enumerate(layer_kinds(config)) if kind.mixer == "attention"]

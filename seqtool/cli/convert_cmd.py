@@ -15,8 +15,8 @@ SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
 RecoverOpt = Annotated[str | None, typer.Option("--recover", help="Recovery training after converting, merged into the weights: lora (LoRA r=8 on every attention + MLP projection, LM loss, 100 steps x 4 x 256 tokens) | full (all weights of the modules the conversion changed: gqa attention, prune attention + MLP; LM loss, 100 x 4 x 256) | distill (those modules, KL to the original model on text + 30 % retrieval rows, 400 x 8 x 512, bf16 autocast).", show_default=False)]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Recovery steps (default per --recover mode).", show_default=False)]
-RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Recovery checkpoints + log (resumable with --resume).", show_default=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the recovery run in --run-dir.")]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Checkpoints + log of the training (recovery; hybrid: its two stages, default OUT.run), resumable with --resume.", show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the training run in --run-dir (recovery or hybrid stages).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for calibration windows, random scores and recovery.")]
 # moe / bam (upcycling seeds into experts; see docs/moe.md)
 FromOpt = Annotated[str | None, typer.Option("--from", help="moe/bam: further seed checkpoints, comma-separated (MODEL is the first).", show_default=False)]
@@ -56,6 +56,15 @@ def render(result) -> str:
                      + (f", held-out ppl {r.heldout_ppl_before:.2f} -> {r.heldout_ppl_after:.2f}"
                         if r.heldout_ppl_after is not None else "")
                      + (f", adapter {r.adapter_dir}" if r.adapter_dir else ""))
+    choice = result.details.get("layer_choice") if isinstance(result.details, dict) else None
+    if choice:
+        scores = result.details.get("retrieval_scores")
+        kept = result.details.get("attention_layers_kept", [])
+        if scores:
+            lines.append("retrieval score per layer: " + ", ".join(
+                f"{i}:{s:.3f}{'*' if i in kept else ''}" for i, s in enumerate(scores)) + " (* kept as attention)")
+        lines.append(f"attention layers kept: {kept} ({choice}); {result.details.get('mixer')} in "
+                     f"{result.details.get('converted_layers')} -> {result.details.get('model_class')}")
     lines.append(f"saved: {result.output}" if result.output else "not saved (no output given)")
     return "\n".join(lines)
 
@@ -65,13 +74,22 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def convert_command(
         model: ModelArg,
-        to: Annotated[str, typer.Option("--to", help="Conversion: gqa | moe | bam.")],
+        to: Annotated[str, typer.Option("--to", help="Conversion: gqa | hybrid | moe | bam.")],
         output: OutputOpt = None,
         kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="gqa: new KV-head count (divides the current one).", show_default=False)] = None,
         grouping: Annotated[str, typer.Option("--grouping", help="gqa: mean (contiguous groups, mean-pooled) | key (calibrated grouping, norm-aware pooling).")] = "mean",
+        # --- hybrid options (convert --to hybrid) ---
+        mixer: Annotated[str, typer.Option("--mixer", help="hybrid: mixer replacing attention: mamba2 | linear | deltanet.")] = "mamba2",
+        attention_layers: Annotated[str | None, typer.Option("--attention-layers", help="hybrid: layers kept as attention, e.g. 0,3 (default: by retrieval score).", show_default=False)] = None,
+        keep_attention: Annotated[float | None, typer.Option("--keep-attention", help="hybrid: fraction of layers kept as attention, highest retrieval scores first (default 0.25).", show_default=False)] = None,
+        steps1: Annotated[int | None, typer.Option("--steps1", help="hybrid: stage-1 steps (attention transfer: only the new mixers train; 0 skips; default 100).", show_default=False)] = None,
+        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL to the original; mixers + LoRA on the rest; 0 skips; default 200).", show_default=False)] = None,
+        lora_r: Annotated[int | None, typer.Option("--lora-r", help="hybrid: LoRA rank of stage 2 (default 8).", show_default=False)] = None,
+        data: Annotated[str | None, typer.Option("--data", help="hybrid: training text (as seqtool finetune; default built-in corpus).", show_default=False)] = None,
+        # --- end hybrid options ---
         calib: CalibOpt = None,
         samples: SamplesOpt = 50,
-        seq_len: SeqLenOpt = 128,
+        seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per calibration window (default 128); hybrid: tokens per training row (default 256).", show_default=False)] = None,
         recover: RecoverOpt = None,
         steps: StepsOpt = None,
         run_dir: RunDirOpt = None,
@@ -98,6 +116,8 @@ def register(app: typer.Typer) -> None:
           seqtool convert ref --to gqa --kv-heads 2 --recover distill --run-dir run-gqa2 -o ref-gqa2-distill
           seqtool convert ./code-branch --from ./prose-branch --to moe --router hidden -o ./mixed-moe
           seqtool convert ref --to bam --experts 2 --attention-experts kv-shared -o ref-bam
+          seqtool convert ref --to hybrid --mixer mamba2 --keep-attention 0.5 -o ref-hybrid
+          seqtool convert ./llama --to hybrid --attention-layers 0,3 -o ./llama-hybrid
         """
         check_model(model)  # validation follows the command line: model, --to, options, output
         from seqtool.convert import convert
@@ -112,12 +132,21 @@ def register(app: typer.Typer) -> None:
                 options.update(attention_experts=attention_experts, parallel=parallel)
         if to == "prune":
             raise BadInputError("pruning has its own command: seqtool prune MODEL --ratio R -o OUT")
+        if to == "hybrid":
+            # Unset options keep the library's defaults (seqtool.convert.hybrid), the recipe behind the docs' numbers.
+            given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len}
+            options = {"mixer": mixer, "attention_layers": attention_layers, "keep_attention": keep_attention,
+                       "data": data, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
         make_conversion(to, options)  # unknown --to, missing options: one line, before loading anything
         if recover not in (None, "none", "lora", "full", "distill"):
             raise BadInputError(f"unknown --recover '{recover}'; use lora, full or distill, or leave it out")
         out = resolve_output(model, output, in_place, force)
+        if to == "hybrid":
+            trains = not (steps1 == 0 and steps2 == 0)
+            options["run_dir"] = run_dir or (f"{str(out).rstrip('/')}.run" if trains else None)
+            run_dir, resume = None, False  # the hybrid stages own the run dir (options above)
         with working(f"converting {model} -> {to}"):
-            result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+            result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len or 128, seed=seed,
                              recover=recover, steps=steps, run_dir=run_dir, resume=resume,
                              progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype,
                              device=device, **options)

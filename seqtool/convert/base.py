@@ -52,6 +52,7 @@ class Conversion:
     # True for conversions that build a new checkpoint from seed models (moe, bam) through ``build`` instead of
     # rewriting one loaded model in place through ``check``/``apply``.
     builds: ClassVar[bool] = False
+    tokenizer: ClassVar[Any] = None  # set by :func:`convert` before :meth:`apply` (the loaded model's tokenizer)
 
     @property
     def needs_calibration(self) -> bool:
@@ -69,6 +70,11 @@ class Conversion:
         """Build and (with ``output``) save a new checkpoint from ``model`` and the conversion's other seeds;
         ``run`` holds :func:`convert`'s keyword arguments (force, samples, seq_len, dtype, device, ...)."""
         raise NotImplementedError
+
+    def result_model(self, model: nn.Module) -> nn.Module:
+        """The model to save after :meth:`apply`: ``model`` itself, or a new one for conversions that change the
+        model class (e.g. ``hybrid`` → GraniteMoeHybrid)."""
+        return model
 
     def step(self) -> dict:
         """The recipe step (without details) describing these options."""
@@ -161,7 +167,7 @@ def _as_loaded(model: Any, tokenizer: Any, dtype: str, device: str):
 
 def load_conversions() -> None:
     """Import the built-in conversions so they register themselves."""
-    from seqtool.convert import bam, gqa, moe, prune  # noqa: F401
+    from seqtool.convert import bam, gqa, hybrid, moe, prune  # noqa: F401
 
 
 def make_conversion(to: str, options: dict) -> Conversion:
@@ -245,7 +251,9 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
         import copy
 
         teacher = copy.deepcopy(net)  # the model before the rewrite is the distillation teacher
+    conversion.tokenizer = loaded.tokenizer  # conversions that train (hybrid distillation) read their data with it
     details = conversion.apply(net, calib_ids)
+    net = conversion.result_model(net)
     after = shape_summary(net)
 
     recovery, adapter_tmp = None, None

@@ -155,10 +155,12 @@ def current_shape(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 def attn_mlp_params(model: nn.Module) -> int:
-    """Parameters in every layer's attention and MLP modules (what a pruning ratio is measured against)."""
+    """Parameters in every layer's attention (or other mixer) and MLP modules (what a pruning ratio is measured
+    against)."""
     spec = get_family(model)
     total = 0
     for layer in decoder_layers(model):
-        for part in (spec.attention, spec.mlp):
-            total += sum(p.numel() for p in getattr(layer, part).parameters())
+        for part in (spec.attention, *spec.mixers, spec.mlp):
+            module = getattr(layer, part, None)  # hybrid layers hold attention or one of the mixers
+            total += sum(p.numel() for p in module.parameters()) if module is not None else 0
     return total

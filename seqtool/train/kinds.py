@@ -37,8 +37,9 @@ def register_kind(name: str) -> Callable[[KindResolver], KindResolver]:
 
 
 def _per_layer(model: nn.Module, spec: FamilySpec, attr: str) -> list[str]:
-    n = len(decoder_layers(model))
-    return [f"{spec.layers}.{i}.{attr}" for i in range(n)]
+    # Hybrid models hold attention in some layers only (the attribute is None elsewhere).
+    return [f"{spec.layers}.{i}.{attr}" for i, layer in enumerate(decoder_layers(model))
+            if getattr(layer, attr, None) is not None]
 
 
 @register_kind("attention")

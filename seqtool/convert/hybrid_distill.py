@@ -1,0 +1,212 @@
+"""Two-stage distillation of a freshly converted hybrid, on the training engine (:mod:`seqtool.train`).
+
+- Stage 1, attention transfer (LoLCATs; Mamba-in-the-Llama's layer-wise stage): only the new mixers train
+  (``--method full`` on the ``mixer`` kind); each converted layer's mixer output is matched (MSE, mean over the
+  hidden size) to the output of the original model's attention in the same layer, both models reading the same
+  tokens (:class:`PairMatch`). The teacher is the frozen original model.
+- Stage 2, end to end: KL(original ‖ hybrid) of the next-token distributions; the mixers keep training fully and
+  every other attention / MLP projection gets a LoRA adapter (rank ``lora_r``), merged into the weights after.
+
+Each stage is a :class:`~seqtool.train.loop.Trainer` run with its own run directory (``run_dir/stage1``,
+``run_dir/stage2``): ``resume=True`` continues a killed conversion from its last checkpoint (a finished stage
+reloads its trained weights and is skipped).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from seqtool.arch.registry import FamilySpec, decoder_layers, get_family
+from seqtool.errors import BadInputError
+from seqtool.train.kinds import MODULE_KINDS, register_kind
+from seqtool.train.objectives import ModuleMatch, _first_tensor
+
+
+@dataclass
+class DistillConfig:
+    """What the two stages do (every field defines the run: a resume must use the same values)."""
+
+    steps1: int
+    steps2: int
+    lora_r: int
+    seq_len: int
+    batch: int
+    lr1: float
+    lr2: float
+    data: str | None = None
+    mix_retrieval: float = 0.0
+    seed: int = 0
+    eval_rows: int = 32
+
+    def check(self) -> None:
+        for name in ("steps1", "steps2"):
+            if getattr(self, name) < 0:
+                raise BadInputError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 1:
+            raise BadInputError(f"--lora-r must be at least 1, got {self.lora_r}")
+        if self.seq_len < 8:
+            raise BadInputError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.batch < 1:
+            raise BadInputError(f"--batch must be at least 1, got {self.batch}")
+
+
+def mixer_module_names(model: nn.Module, spec: FamilySpec | None = None) -> list[str]:
+    """Qualified names of every non-attention mixer module present (e.g. ``model.layers.1.mamba``)."""
+    from seqtool.arch.registry import attention_layer_indices
+
+    spec = spec or get_family(model)
+    attention = set(attention_layer_indices(model.config))
+    names = []
+    for i, layer in enumerate(decoder_layers(model)):
+        if i in attention:
+            continue
+        # a separate module (granitemoehybrid's ``mamba``) or one sitting in the attention slot (seqtool_hybrid)
+        for attr in spec.mixers or (spec.attention,):
+            if getattr(layer, attr, None) is not None:
+                names.append(f"{spec.layers}.{i}.{attr}")
+    return names
+
+
+if "mixer" not in MODULE_KINDS:
+    @register_kind("mixer")
+    def _mixer_kind(model: nn.Module, spec: FamilySpec) -> list[str]:
+        """The recurrent mixers of a hybrid (none in a plain transformer)."""
+        return mixer_module_names(model, spec)
+
+
+class PairMatch(ModuleMatch):
+    """Attention transfer: MSE between each student module and a *differently named* teacher module
+    (``pairs``: student name → teacher name, e.g. ``model.layers.1.mamba`` → ``model.layers.1.self_attn``)."""
+
+    name = "match"
+
+    def __init__(self, pairs: dict[str, str], weight: float = 1.0):
+        super().__init__(list(pairs), weight)
+        self.pairs = dict(pairs)
+
+    def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if teacher is None:
+            raise BadInputError("attention transfer needs the original model as teacher")
+        self.detach()
+        s_base = student.get_base_model() if hasattr(student, "get_base_model") else student
+        for s_name, t_name in self.pairs.items():
+            for store, model, name in ((self.student_out, s_base, s_name), (self.teacher_out, teacher, t_name)):
+                def hook(_m, _inp, out, key=s_name, store=store):
+                    store[key] = _first_tensor(out)
+
+                self._handles.append(model.get_submodule(name).register_forward_hook(hook))
+
+
+def attention_pairs(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """Student mixer → teacher attention module of the same layer."""
+    t_spec = get_family(teacher)
+    s_spec = get_family(student)
+    pairs = {}
+    for name in mixer_module_names(student, s_spec):
+        layer = int(name[len(s_spec.layers) + 1:].split(".")[0])
+        pairs[name] = f"{t_spec.layers}.{layer}.{t_spec.attention}"
+    return pairs
+
+
+@dataclass
+class StageResult:
+    stage: int
+    steps: int
+    loss_first: dict
+    loss_final: dict
+    heldout_loss_before: float
+    heldout_loss: float
+    seconds: float
+    resumed_from: int | None
+
+
+def _stage_dir(run_dir: str | Path | None, stage: int) -> Path | None:
+    return None if run_dir is None else Path(run_dir) / f"stage{stage}"
+
+
+def _resume(run_dir: Path | None, resume: bool) -> bool:
+    from seqtool.train.loop import CHECKPOINT
+
+    return bool(resume and run_dir is not None and (run_dir / CHECKPOINT).exists())
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig, *,
+            run_dir: str | Path | None = None, resume: bool = False, identity: dict | None = None,
+            progress: str = "auto") -> tuple[nn.Module, list[StageResult]]:
+    """Run stage 1 then stage 2 on ``student`` (a hybrid built from ``teacher``); returns the trained, merged
+    student and one :class:`StageResult` per stage that ran (steps 0 skips a stage). ``teacher`` (the original
+    model) is frozen during the run and handed back unchanged."""
+    config.check()
+    was_training, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    try:
+        return _distill(student, teacher, tokenizer, config, run_dir=run_dir, resume=resume, identity=identity,
+                        progress=progress)
+    finally:  # the caller's model comes back as it was
+        teacher.train(was_training)
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig, *,
+             run_dir: str | Path | None, resume: bool, identity: dict | None,
+             progress: str) -> tuple[nn.Module, list[StageResult]]:
+    from seqtool.train.data import DataConfig, build_data
+    from seqtool.train.loop import Trainer, TrainConfig
+    from seqtool.train.objectives import KLDistill
+    from seqtool.train.trainable import LoraOptions, merge, prepare
+
+    longest = max(config.steps1, config.steps2)
+    data_cfg = DataConfig(source=config.data, seq_len=config.seq_len, seed=config.seed,
+                          mix_retrieval=config.mix_retrieval,
+                          max_train_tokens=max(longest * config.batch * config.seq_len, 64 * config.seq_len)
+                          if config.data is None else None)
+    created = run_dir is not None and not Path(run_dir).exists()
+    try:
+        data = build_data(tokenizer, data_cfg, Path(run_dir) / "data" if run_dir is not None else None)
+    except BadInputError:
+        if created:  # bad --data: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    ident = {"distill": {k: v for k, v in vars(config).items()}, **(identity or {})}
+    results = []
+    pairs = attention_pairs(student, teacher)
+    if config.steps1 > 0 and pairs:
+        net = prepare(student, "full", ["mixer"])
+        trainer = Trainer(net, data, [PairMatch(pairs)],
+                          TrainConfig(steps=config.steps1, batch=config.batch, lr=config.lr1, seed=config.seed,
+                                      eval_rows=config.eval_rows, progress=progress),
+                          teacher=teacher, run_dir=_stage_dir(run_dir, 1),
+                          resume=_resume(_stage_dir(run_dir, 1), resume), identity={**ident, "stage": 1})
+        results.append(_run_stage(1, trainer))
+        student = merge(net)
+    if config.steps2 > 0:
+        torch.manual_seed(config.seed + 2)  # LoRA's random init: the same conversion gives the same model
+        net = prepare(student, "lora", ["attention", "mlp"], LoraOptions(rank=config.lora_r, alpha=2 * config.lora_r))
+        base = net.get_base_model()
+        for name in mixer_module_names(base):  # the mixers keep training fully; LoRA on everything else
+            for p in base.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        trainer = Trainer(net, data, [KLDistill()],
+                          TrainConfig(steps=config.steps2, batch=config.batch, lr=config.lr2, seed=config.seed + 1,
+                                      eval_rows=config.eval_rows, progress=progress),
+                          teacher=teacher, run_dir=_stage_dir(run_dir, 2),
+                          resume=_resume(_stage_dir(run_dir, 2), resume), identity={**ident, "stage": 2})
+        results.append(_run_stage(2, trainer))
+        student = merge(net)
+    student.eval()
+    return student, results
+
+
+def _run_stage(stage: int, trainer) -> StageResult:
+    before = trainer.heldout_loss()
+    outcome = trainer.run()
+    after = trainer.heldout_loss()
+    return StageResult(stage, outcome.steps, outcome.first, outcome.final, round(before, 5), round(after, 5),
+                       outcome.seconds, outcome.resumed_from)
