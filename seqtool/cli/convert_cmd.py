@@ -136,15 +136,13 @@ def register(app: typer.Typer) -> None:
             # Unset options keep the library's defaults (seqtool.convert.hybrid), the recipe behind the docs' numbers.
             given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len}
             options = {"mixer": mixer, "attention_layers": attention_layers, "keep_attention": keep_attention,
-                       "data": data, "resume": resume, **{k: v for k, v in given.items() if v is not None}}
+                       "data": data, **{k: v for k, v in given.items() if v is not None}}
         make_conversion(to, options)  # unknown --to, missing options: one line, before loading anything
         if recover not in (None, "none", "lora", "full", "distill"):
             raise BadInputError(f"unknown --recover '{recover}'; use lora, full or distill, or leave it out")
         out = resolve_output(model, output, in_place, force)
-        if to == "hybrid":
-            trains = not (steps1 == 0 and steps2 == 0)
-            options["run_dir"] = run_dir or (f"{str(out).rstrip('/')}.run" if trains else None)
-            run_dir, resume = None, False  # the hybrid stages own the run dir (options above)
+        if to == "hybrid" and run_dir is None and not (steps1 == 0 and steps2 == 0):
+            run_dir = f"{str(out).rstrip('/')}.run"  # the two distillation stages' checkpoints
         with working(f"converting {model} -> {to}"):
             result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len or 128, seed=seed,
                              recover=recover, steps=steps, run_dir=run_dir, resume=resume,

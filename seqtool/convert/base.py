@@ -210,8 +210,13 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
 
     started = time.perf_counter()
     load_conversions()
-    if to in CONVERSIONS and "seed" in {f.name for f in dataclasses.fields(CONVERSIONS[to])}:
+    fields = {f.name for f in dataclasses.fields(CONVERSIONS[to])} if to in CONVERSIONS else set()
+    if "seed" in fields:
         options.setdefault("seed", seed)  # conversions with their own randomness share the run's seed
+    if recover in (None, "none"):  # conversions that train themselves (hybrid) own the run dir and progress
+        for name, value in (("run_dir", run_dir), ("resume", resume), ("progress", progress)):
+            if name in fields:
+                options.setdefault(name, value)
     conversion = make_conversion(to, options)
     recover = None if recover in (None, "none") else recover
     if conversion.builds:

@@ -105,7 +105,7 @@ def _case_list() -> list[tuple[str, str, str]]:
         ("ratio-too-big", "prune tiny-llama --ratio 1.5 -o {out}", "(0, 1)"),
         ("recover-unknown", "prune tiny-llama --ratio 0.3 --recover bogus -o {out}", "unknown --recover"),
         ("convert-model-first", "convert nope-model --to hybrid", "nope-model"),
-        ("convert-to-unknown", "convert tiny-llama --to hybrid", "unknown conversion 'hybrid'"),
+        ("convert-to-unknown", "convert tiny-llama --to hybridd", "unknown conversion 'hybridd'"),
         ("convert-needs-kv-heads", "convert tiny-llama --to gqa", "needs --kv-heads"),
         ("convert-to-prune", "convert ref --to prune -o {out}", "seqtool prune"),
         ("convert-no-output", "convert tiny-llama --to gqa --kv-heads 2", "pass -o OUT"),
