@@ -38,7 +38,8 @@ def recall_per_query(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale
         pos = torch.arange(s, e, device=q.device) + (tk - tq)
         causal = torch.arange(tk, device=q.device)[None, :] <= pos[:, None]
         probs = torch.softmax(sc.masked_fill(~causal, float("-inf")), -1)
-        out.append((probs * (mask[:, :, s:e] & causal)).sum(-1))
+        # 1 - the mass outside the selection: a selection of every causal key gives exactly 1.0
+        out.append(1.0 - (probs * (~mask[:, :, s:e] & causal)).sum(-1))
     return torch.cat(out, 2)
 
 
@@ -62,6 +63,9 @@ class RecallMeter:
         self.counts: dict[tuple[int, str], int] = {}  # (layer, phase) -> queries (per head)
         self.skipped = 0
         self._shadow: dict[tuple[int, tuple[int, ...]], _Shadow] = {}
+
+    def set_phase(self, name: str) -> None:
+        self.phase = name
 
     def __enter__(self) -> "RecallMeter":
         for rt in self.handle.runtimes.values():
