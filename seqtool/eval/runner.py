@@ -98,7 +98,7 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
              samples: int = 20, depths: Sequence[float] | None = None, seed: int = 0, batch: int = 1,
              attn: str | None = None, data: str | Path | None = None, stride: int | None = None,
              ppl_tokens: int | None = PPL_TOKENS, tail: int = 16, dtype: str = "auto", device: str = "auto",
-             compare=None, progress: ProgressFactory | None = None, recall: bool = False) -> EvalResult:
+             compare=None, progress: ProgressFactory | None = None, recall: bool | str = False) -> EvalResult:
     """Evaluate ``model`` (path, preset, LoadedModel, or HF model + ``tokenizer``) on ``tasks``.
 
     Retrieval tasks: ``samples`` prompts per (length, depth); the answer is generated greedily with the KV cache
@@ -106,7 +106,8 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
     perplexity over ``ppl_tokens`` held-out tokens (or ``data``). ``compare``: another model evaluated the same
     way; its result becomes ``baseline`` and ``deltas`` hold value - baseline. ``recall``: for a patched model,
     also measure attention recall on the retrieval prompts (``result.recall``; costs a dense score matrix per
-    call, see :mod:`seqtool.patches.recall`).
+    call, see :mod:`seqtool.patches.recall`); ``recall="answer"`` measures only the answer queries (cheap: no
+    dense prefill scores; ``all`` is then NaN).
     """
     task_list = parse_tasks(tasks)
     depths = list(DEFAULT_DEPTHS if depths is None else depths)
@@ -184,7 +185,7 @@ class _NoMeter:
         return None
 
 
-def _recall_meter(model, wanted: bool):
+def _recall_meter(model, wanted: bool | str):
     """A RecallMeter on ``model``'s patch (context manager yielding it), or one yielding None."""
     if not wanted:
         return _NoMeter()
@@ -194,7 +195,7 @@ def _recall_meter(model, wanted: bool):
     handle = get_handle(model)
     if handle is None:
         raise BadInputError("recall needs a patched model: pass attn='METHOD:...' (--attn) or a patched checkpoint")
-    return RecallMeter(handle)
+    return RecallMeter(handle, phases=("answer",) if wanted == "answer" else None)
 
 
 def compute_deltas(result: EvalResult, base: EvalResult) -> list[DeltaRow]:

@@ -134,12 +134,15 @@ class EvictingCacheLayer(SeqtoolCacheLayer):
         """(B,) valid tokens per row so far (evicted included)."""
         return self.cumulative_length - self.origin
 
-    def resolve(self, kv_start: torch.Tensor, tokens) -> None:
-        """At the first call: each row's origin and budget (``tokens(prompt length)``)."""
+    def resolve(self, kv_start: torch.Tensor, rule) -> None:
+        """At the first call: each row's origin and budget (a ratio of its prompt length, or the token count
+        itself, not capped at the prompt: a count above the prompt lets the cache grow to it)."""
         if self.origin is None:
             self.origin = kv_start.long().clone()
             lens = (self.keys.shape[2] - kv_start.long()).tolist()
-            self.budget = torch.tensor([tokens(n) for n in lens], dtype=torch.long, device=kv_start.device)
+            per_row = [self.NEVER if rule.is_full else int(rule.value) if rule.value >= 1 else rule.tokens(n)
+                       for n in lens]
+            self.budget = torch.tensor(per_row, dtype=torch.long, device=kv_start.device)
 
     # ---- eviction -------------------------------------------------------------------------------------------
     def evict_to(self, kv_start: torch.Tensor, keep_score: torch.Tensor, protect: torch.Tensor) -> None:

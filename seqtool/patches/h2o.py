@@ -7,9 +7,9 @@ row and KV head keeps its ``sinks`` first tokens, the ``recent`` share of the bu
 tokens, and the highest-scoring of the rest, evicting down to the budget (one token per decode step once full).
 Decode attends every kept key (``kernels.decode_attn``) and adds its attention to the kept entries' scores.
 
-Budget → units: ``tokens = budget.tokens(prompt length)`` KV entries per head for each row (sinks and window
-included), fixed for the rest of the sequence; a budget at or above the prompt length evicts nothing during the
-prompt (exactly dense there) and the cache then stays at that size. Without
+Budget → units: KV entries per head for each row (sinks and window included), fixed for the rest of the
+sequence: a ratio of the row's prompt length, or a token count (the cache grows to it, then stays there); a
+count at or above the sequence length never evicts (exactly dense). Without
 :func:`~seqtool.patches.make_cache` nothing can be evicted and the method is dense.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class H2OCacheLayer(EvictingCacheLayer):
         if self.origin is None:
             if not self.pending:
                 return
-            self.resolve(kv_start, m.budget_rule.tokens)
+            self.resolve(kv_start, m.budget_rule)
             b, h, length = self.keys.shape[:3]
             self.score = torch.zeros(b, h, length, device=self.keys.device)
             for rows, off, sc in self.pending:

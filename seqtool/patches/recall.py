@@ -52,13 +52,15 @@ class _Shadow:
 class RecallMeter:
     """Accumulates attention recall of a patched model; see the module docstring."""
 
-    def __init__(self, handle, chunk: int = CHUNK):
+    def __init__(self, handle, chunk: int = CHUNK, phases: tuple[str, ...] | None = None):
         from seqtool.arch.registry import head_counts
 
         self.handle = handle
         self.chunk = chunk
         self.n_heads, self.n_kv, _ = head_counts(handle.model.config)
         self.phase = "prefill"
+        #: Phases to measure (None: all). Keys are shadowed in every phase (eviction needs the full history).
+        self.measure = phases
         self.sums: dict[tuple[int, str], torch.Tensor] = {}  # (layer, phase) -> (Hq,) sum of per-query recall
         self.counts: dict[tuple[int, str], int] = {}  # (layer, phase) -> queries (per head)
         self.skipped = 0
@@ -95,6 +97,8 @@ class RecallMeter:
         else:
             shadow = _Shadow(torch.cat([shadow.keys, call.k[:, :, -call.tq:]], 2), shadow.start)
         self._shadow[key] = shadow
+        if self.measure is not None and self.phase not in self.measure:
+            return
         mask = selection.mask()
         if mask.shape[-1] != shadow.keys.shape[2]:  # a mask over the kept slots (eviction): map it back
             mask = self._to_original(mask, cache, call, shadow)

@@ -72,7 +72,7 @@ class SnapKVCacheLayer(EvictingCacheLayer):
         if self.origin is not None or not self.pending:
             return
         m = self.method
-        self.resolve(kv_start, m.budget_rule.tokens)
+        self.resolve(kv_start, m.budget_rule)
         b, h, length = self.keys.shape[:3]
         score = torch.zeros(b, h, length, device=self.keys.device)
         protect = torch.zeros(b, h, length, dtype=torch.bool, device=self.keys.device)
