@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     def patch_command(
         model: ModelArg,
         method: Annotated[str, typer.Option("--method", "-m", help="dense|streaming|block_topk|vertical_slash|recycled|... (see seqtool.patches.list_methods()).")],
-        budget: Annotated[str | None, typer.Option("--budget", help="Causal keys per query: ratio < 1, token count >= 1, or 'full'.", show_default=False)] = None,
+        budget: Annotated[str | None, typer.Option("--budget", help="Causal keys per query: ratio in (0, 1] (1 = full; 50% accepted), whole number of keys >= 2, or 'full'.", show_default=False)] = None,
         dense_layers: Annotated[str | None, typer.Option("--dense-layers", help="Layers that stay dense, e.g. 0,1.", show_default=False)] = None,
         set_: Annotated[list[str] | None, typer.Option("--set", help="Method option key=value (repeatable), e.g. --set min_len=0 --set block=64.", show_default=False)] = None,
         output: OutputOpt = None,
