@@ -35,7 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "patches.md"
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
-BUDGETED = ("streaming", "vertical_slash", "block_topk", "hip", "infllm", "razor", "recycled", "longheads")
+BUDGETED = ("streaming", "vertical_slash", "block_topk", "hip", "infllm", "razor", "recycled", "longheads", "snapkv",
+            "h2o")
 LONG = ("streaming", "infllm", "longheads")
 BUDGETS = (0.5, 0.25, 0.1)
 TASKS = ("passkey", "multikey", "vt")
@@ -137,7 +138,7 @@ def run_row(loaded, row: Row, st: Settings) -> dict:
     try:
         with count_decode(decode):  # the patch stays applied: attn=None leaves the model as it is
             res = seqtool.evaluate(loaded, list(TASKS), attn=None, samples=n, depths=st.depths, tail=st.tail,
-                                   **common)
+                                   recall="answer", **common)
         kept_tasks = handle.kept_fraction()
         heads = handle.options.get("heads")
     finally:
@@ -152,6 +153,7 @@ def run_row(loaded, row: Row, st: Settings) -> dict:
         "kept_ppl": kept_ppl, "kept_tasks": kept_tasks,
         "kept_decode": decode[0] / decode[1] if decode[1] else None,
         "heads": list(heads) if heads is not None else None,
+        "recall": {r.task: {"answer": r.answer, "all": r.all} for r in getattr(res, "recall", [])},
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -196,7 +198,7 @@ def render(data: dict, rows: list[Row]) -> str:
                                         BUDGETED.index(r.method) if r.method in BUDGETED else 99,
                                         -(r.budget or 2)))
     head = ("| method | budget | len | ppl | passkey | multikey | vt | kept (ppl) | kept (tasks) | kept (decode) "
-            "| s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "| recall (answer) | s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines, missing = [head], []
     for r in order:
         got = data["rows"].get(r.key)
@@ -204,10 +206,11 @@ def render(data: dict, rows: list[Row]) -> str:
             missing.append(r)
             continue
         acc = got["accuracy"]
+        rec = got.get("recall", {}).get("passkey", {})
         lines.append(f"| {r.method} | {r.budget if r.budget is not None else '–'} | {_len(r.seq_len)} "
                      f"| {got['ppl']:.2f} | {acc['passkey']:.2f} | {acc['multikey']:.2f} | {acc['vt']:.2f} "
                      f"| {_fmt(got['kept_ppl'])} | {_fmt(got['kept_tasks'])} | {_fmt(got['kept_decode'])} "
-                     f"| {got['seconds']:.0f} |")
+                     f"| {_fmt(rec.get('answer'), 2)} | {got['seconds']:.0f} |")
     depths = ", ".join(str(d) for d in st.get("depths", []))
     razor = next((g.get("heads") for g in data["rows"].values() if g["method"] == "razor" and g.get("heads")), None)
     act = next((g.get("heads") for g in data["rows"].values() if g["method"] == "act"), None)
@@ -223,6 +226,10 @@ def render(data: dict, rows: list[Row]) -> str:
         "Kept fraction = kept / causal (query, key) pairs as counted by the selection that ran (evicted keys count "
         "as skipped): *ppl* over the perplexity windows (prefill), *tasks* over every call of the retrieval "
         "prompts, *decode* over the decode calls alone (≤ 16 queries with a past: the tail and the answer). "
+        "Recall (`evaluate(recall=\"answer\")`, passkey prompts): share of the dense attention mass the selections "
+        "kept (evicted keys count as lost), mean over layers and heads, on the *answer* queries (the last prompt "
+        "token and the generated ones); – where the row predates the column (all-query recall: "
+        "`benchmarks/sparse_recall.py`, `seqtool eval --recall`). "
         "`dense` is the `dense` patch (SDPA through the same runtime). Options are each method's defaults except `min_len=0`"
         + (f" and `trained_len={TRAINED_LEN}` for longheads" if "longheads" in EXTRA else "") + ". "
         + (f"razor retrieval heads found offline: {', '.join(razor)}. " if razor else "")
@@ -257,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", type=Path, help="markdown file whose quality-table section is regenerated "
                                              "(default docs/patches.md for the full ref run, else none)")
     ap.add_argument("--rows", default=None, help="regex on row keys METHOD|BUDGET|LEN to run only some rows")
+    ap.add_argument("--redo", default=None, help="regex on row keys: re-run these rows even if cached (after a "
+                                                  "method changed)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SEQTOOL_THREADS", "1")),
                     help="torch threads (1: the shared 2-core machine stalls multi-threaded regions)")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON, run nothing")
@@ -299,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [r for r in rows if not (args.rows and not re.search(args.rows, r.key))]
     for i, row in enumerate(todo):
         got = data["rows"].get(row.key)
-        if got is not None and got.get("settings") == settings_dict(st):
+        if got is not None and got.get("settings") == settings_dict(st) and not (
+                args.redo and re.search(args.redo, row.key)):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] row {i + 1}/{len(todo)} {row.key} ({row.spec()}) ...",
               file=sys.stderr, flush=True)

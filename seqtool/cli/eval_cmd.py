@@ -29,6 +29,10 @@ def render(result) -> str:
                 rows.extend((task, L, _fmt_depth(s.depth), s.samples, f"{s.accuracy:.3f}") for s in cells)
                 rows.append((task, L, "mean", sum(s.samples for s in cells), f"{result.mean_accuracy(task, L):.3f}"))
         parts.append(table(rows, ["task", "seq_len", "depth", "samples", "accuracy"]))
+    if getattr(result, "recall", None):
+        parts.append(table([(r.task, r.seq_len, f"{r.answer:.3f}", f"{r.all:.3f}",
+                             f"{min(min(row) for row in r.per_head_answer):.3f}") for r in result.recall],
+                           ["recall", "seq_len", "answer queries", "all queries", "worst head (answer)"]))
     if result.baseline is not None:
         parts.append(f"compared with {result.baseline.model}:\n" + table(
             [(d.task, d.seq_len, _fmt_depth(d.depth), d.metric, f"{d.value:.4g}", f"{d.baseline:.4g}", f"{d.delta:+.4g}")
@@ -81,6 +85,7 @@ def register(app: typer.Typer) -> None:
         stride: Annotated[int | None, typer.Option("--stride", help="ppl window stride (default seq_len/2).")] = None,
         ppl_tokens: Annotated[int, typer.Option("--ppl-tokens", help="Tokens scored for ppl (0: all).")] = 16384,
         compare: Annotated[str | None, typer.Option("--compare", help="Another model to evaluate the same way; prints deltas.")] = None,
+        recall: Annotated[bool, typer.Option("--recall", help="With --attn (or a patched checkpoint): attention recall of the patch on the retrieval prompts (answer / all queries).")] = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
         json_out: JsonOpt = False,
@@ -90,6 +95,7 @@ def register(app: typer.Typer) -> None:
         Examples:
           seqtool eval ref --task all --seq-len 2k
           seqtool eval ./gqa-ref --task passkey --seq-len 1k,2k --compare ref --json
+          seqtool eval ref --task passkey --attn infllm:budget=0.5,min_len=0 --recall
         """
         check_model(model)
         if compare is not None:
@@ -101,5 +107,5 @@ def register(app: typer.Typer) -> None:
             result = evaluate(model, task, seq_lens=seq_lens, samples=samples,
                               depths=depth_list, seed=seed, batch=batch, attn=attn, data=data, stride=stride,
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,
-                              progress=_Bars(stack))
+                              progress=_Bars(stack), recall=recall)
         emit(result, json_out, render)

@@ -14,12 +14,15 @@ def render(result) -> str:
     lines = []
     rep = result.report
     if rep is not None:
-        rows = [(h.layer, h.head, h.method, f"{100 * h.mass_kept:.1f} %", f"{100 * h.keys_computed:.1f} %")
-                for h in rep.heads]
-        lines += [table(rows, ["layer", "head", "method", "dense mass kept", "keys computed"]), "",
-                  f"probe: {rep.probe_tokens} random tokens, min_len={rep.min_len}; overall: "
-                  f"{100 * rep.mass_kept:.1f} % of dense attention mass kept, "
+        rows = [(h.layer, h.head, h.method, f"{100 * h.recall_answer:.1f} %", f"{100 * h.mass_kept:.1f} %",
+                 f"{100 * h.keys_computed:.1f} %") for h in rep.heads]
+        lines += [table(rows, ["layer", "head", "method", "recall (answer)", "recall (all)", "keys computed"]), "",
+                  f"probe: {rep.probe_tokens}-token {rep.probe} prompt, min_len={rep.min_len}; overall: "
+                  f"{100 * rep.recall_answer:.1f} % of the dense attention mass kept on the answer queries, "
+                  f"{100 * rep.mass_kept:.1f} % on all queries, "
                   f"{100 * rep.keys_computed:.1f} % of causal key positions computed (measured)"]
+        if rep.answer is not None:
+            lines.append(f"passkey {rep.answer}: the patched model answered {rep.generated.strip()!r}")
     lines.append(f"patch: {result.spec}")
     lines.append(f"saved: {result.output} (seqtool.load re-applies the patch; plain transformers runs dense)"
                  if result.output else "not saved (no output given)")
@@ -32,11 +35,11 @@ def register(app: typer.Typer) -> None:
     def patch_command(
         model: ModelArg,
         method: Annotated[str, typer.Option("--method", "-m", help="dense|streaming|block_topk|vertical_slash|recycled|... (see seqtool.patches.list_methods()).")],
-        budget: Annotated[str | None, typer.Option("--budget", help="Causal keys per query: ratio < 1, token count >= 1, or 'full'.", show_default=False)] = None,
+        budget: Annotated[str | None, typer.Option("--budget", help="Causal keys per query: ratio in (0, 1] (1 = full; 50% accepted), whole number of keys >= 2, or 'full'.", show_default=False)] = None,
         dense_layers: Annotated[str | None, typer.Option("--dense-layers", help="Layers that stay dense, e.g. 0,1.", show_default=False)] = None,
         set_: Annotated[list[str] | None, typer.Option("--set", help="Method option key=value (repeatable), e.g. --set min_len=0 --set block=64.", show_default=False)] = None,
         output: OutputOpt = None,
-        report: Annotated[bool, typer.Option("--report", help="Per layer/head: dense attention mass kept and keys computed on a probe input.")] = False,
+        report: Annotated[bool, typer.Option("--report", help="Per layer/head: attention recall (dense attention mass kept) on the answer queries and on all queries of a passkey probe, and keys computed.")] = False,
         probe_tokens: Annotated[int, typer.Option("--probe-tokens", help="--report probe length.")] = 512,
         force: ForceOpt = False,
         in_place: InPlaceOpt = False,

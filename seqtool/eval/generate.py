@@ -31,13 +31,17 @@ def _make_cache(model) -> DynamicCache:
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
-                    pad_id: int, stop_ids: set[int] | frozenset[int] = frozenset(), tail: int = 16) -> list[list[int]]:
+                    pad_id: int, stop_ids: set[int] | frozenset[int] = frozenset(), tail: int = 16,
+                    on_phase=None) -> list[list[int]]:
     """Generate greedily for a batch of prompts (lists of token ids); returns the new tokens per prompt.
 
     Left padding: ``attention_mask`` (B, T) marks real tokens; ``position_ids`` restart at 0 on each row's
     first real token, so a padded row computes what it would alone. A row stops after emitting a token in
-    ``stop_ids`` (kept in its output) or after its ``max_new_tokens``.
+    ``stop_ids`` (kept in its output) or after its ``max_new_tokens``. ``on_phase(name)`` (diagnostics) is
+    called before the ``"prefill"``, the ``"tail"`` steps and the ``"answer"`` steps (the last prompt token,
+    whose query produces the first answer token, and every generated token).
     """
+    mark = on_phase or (lambda name: None)
     from transformers import DynamicCache
 
     # transformers renamed `past_key_values` to `cache` (>= 5.2x); older 5.x only knows the old name.
@@ -52,10 +56,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     tail = max(1, min(tail, min(len(p) for p in prompts) - 1, t - 1)) if t > 1 else 0
     cache = _make_cache(model)
     split = t - tail
+    mark("prefill")
     out = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split],
                 **{ckw: cache}, use_cache=True)
     logits = out.logits[:, -1]
     for j in range(split, t):
+        mark("answer" if j == t - 1 else "tail")
         out = model(input_ids=ids[:, j:j + 1], attention_mask=mask[:, :j + 1], position_ids=pos[:, j:j + 1],
                     **{ckw: cache}, use_cache=True)
         logits = out.logits[:, -1]

@@ -54,6 +54,19 @@ class DeltaRow:
 
 
 @dataclass
+class RecallRow:
+    """Attention recall of a patched model on one retrieval task and length (``evaluate(recall=True)``): the
+    share of the dense attention mass its selections kept, on the answer queries (the last prompt token and the
+    generated ones) and on every query; ``per_head_answer`` is ``[layer][head]``."""
+
+    task: str
+    seq_len: int
+    answer: float
+    all: float
+    per_head_answer: list[list[float]]
+
+
+@dataclass
 class EvalResult:
     """Everything one ``seqtool eval`` run measured."""
 
@@ -70,6 +83,7 @@ class EvalResult:
     seconds: float = 0.0
     baseline: "EvalResult | None" = None
     deltas: list[DeltaRow] = field(default_factory=list)
+    recall: list[RecallRow] = field(default_factory=list)
 
     def mean_accuracy(self, task: str, seq_len: int | None = None) -> float:
         """Mean accuracy of ``task`` over depths (and lengths unless ``seq_len`` is given)."""

@@ -12,7 +12,7 @@ import torch
 from seqtool.errors import BadInputError
 from seqtool.eval.generate import greedy_generate
 from seqtool.eval.perplexity import count_windows, sliding_window_ppl
-from seqtool.eval.results import DeltaRow, EvalResult, SampleResult, TaskScore
+from seqtool.eval.results import DeltaRow, EvalResult, RecallRow, SampleResult, TaskScore
 from seqtool.eval.scoring import exact_match, normalize_answer, stop_token_ids
 from seqtool.eval.tasks import TASKS, make_samples
 
@@ -98,13 +98,16 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
              samples: int = 20, depths: Sequence[float] | None = None, seed: int = 0, batch: int = 1,
              attn: str | None = None, data: str | Path | None = None, stride: int | None = None,
              ppl_tokens: int | None = PPL_TOKENS, tail: int = 16, dtype: str = "auto", device: str = "auto",
-             compare=None, progress: ProgressFactory | None = None) -> EvalResult:
+             compare=None, progress: ProgressFactory | None = None, recall: bool | str = False) -> EvalResult:
     """Evaluate ``model`` (path, preset, LoadedModel, or HF model + ``tokenizer``) on ``tasks``.
 
     Retrieval tasks: ``samples`` prompts per (length, depth); the answer is generated greedily with the KV cache
     after the last ``tail`` prompt tokens were fed one at a time; exact match. ``ppl``: sliding-window
     perplexity over ``ppl_tokens`` held-out tokens (or ``data``). ``compare``: another model evaluated the same
-    way; its result becomes ``baseline`` and ``deltas`` hold value - baseline.
+    way; its result becomes ``baseline`` and ``deltas`` hold value - baseline. ``recall``: for a patched model,
+    also measure attention recall on the retrieval prompts (``result.recall``; costs a dense score matrix per
+    call, see :mod:`seqtool.patches.recall`); ``recall="answer"`` measures only the answer queries (cheap: no
+    dense prefill scores; ``all`` is then NaN).
     """
     task_list = parse_tasks(tasks)
     depths = list(DEFAULT_DEPTHS if depths is None else depths)
@@ -147,12 +150,19 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
                 items = make_samples(task, tok, filler, L, depths, samples, seed, split="eval")
                 adv = progress(len(items), f"{task} {L}")
                 preds: list[str] = []
-                for i in range(0, len(items), batch):
-                    chunk = items[i:i + batch]
-                    gens = greedy_generate(m, [s.input_ids for s in chunk], [len(s.answer_ids) + 4 for s in chunk],
-                                           pad_id=tok.pad_token_id, stop_ids=stops, tail=tail)
-                    preds.extend(tok.decode(g, skip_special_tokens=True) for g in gens)
-                    adv(len(chunk))
+                with _recall_meter(m, recall) as meter:
+                    for i in range(0, len(items), batch):
+                        chunk = items[i:i + batch]
+                        gens = greedy_generate(m, [s.input_ids for s in chunk],
+                                               [len(s.answer_ids) + 4 for s in chunk], pad_id=tok.pad_token_id,
+                                               stop_ids=stops, tail=tail, on_phase=meter and meter.set_phase)
+                        preds.extend(tok.decode(g, skip_special_tokens=True) for g in gens)
+                        adv(len(chunk))
+                if meter is not None:
+                    heads = meter.per_head("answer")
+                    result.recall.append(RecallRow(task, L, round(meter.mean("answer"), 4),
+                                                   round(meter.mean(None), 4),
+                                                   [[round(float(x), 4) for x in row] for row in heads]))
                 for j, (s, p) in enumerate(zip(items, preds)):
                     result.details.append(SampleResult(task, L, s.meta["requested_depth"], j % samples, s.answer,
                                                        normalize_answer(p), bool(exact_match(p, s.answer))))
@@ -169,6 +179,27 @@ def evaluate(model, tasks: str | Sequence[str] = "all", *, tokenizer=None, seq_l
         result.baseline = base
         result.deltas = compute_deltas(result, base)
     return result
+
+
+class _NoMeter:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _recall_meter(model, wanted: bool | str):
+    """A RecallMeter on ``model``'s patch (context manager yielding it), or one yielding None."""
+    if not wanted:
+        return _NoMeter()
+    from seqtool.patches import get_handle
+    from seqtool.patches.recall import RecallMeter
+
+    handle = get_handle(model)
+    if handle is None:
+        raise BadInputError("recall needs a patched model: pass attn='METHOD:...' (--attn) or a patched checkpoint")
+    return RecallMeter(handle, phases=("answer",) if wanted == "answer" else None)
 
 
 def compute_deltas(result: EvalResult, base: EvalResult) -> list[DeltaRow]:

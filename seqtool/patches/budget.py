@@ -1,8 +1,9 @@
 """The one budget rule shared by every patch method.
 
-``budget`` is the number of causal key positions computed per query: a ratio of that query's causal context when
-``< 1``, a token count when ``>= 1`` (sinks and local window included), ``"full"`` for every causal key (the sparse
-path still runs: used to check it against dense). Each method maps the resolved token count onto its own units
+``budget`` is the number of causal key positions computed per query: a ratio in (0, 1] of that query's causal
+context (``1`` = every key, like ``"full"``; ``"50%"`` is accepted), or a whole number ``>= 2`` of keys (sinks and
+local window included); ``"full"`` keeps every causal key (the sparse path still runs: used to check it against
+dense). Anything else (``1.5``, ``0``, ``2.5``, an empty value) is a one-line error. Each method maps the resolved token count onto its own units
 (blocks, pages, columns + diagonals, top-K tokens) and documents how.
 """
 from __future__ import annotations
@@ -25,13 +26,20 @@ class Budget:
     def parse(cls, raw: float | int | str | None) -> "Budget":
         if raw is None or (isinstance(raw, str) and raw.strip().lower() == FULL):
             return cls(None)
+        text = raw.strip() if isinstance(raw, str) else raw
         try:
-            value = float(raw)
+            value = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
         except (TypeError, ValueError):
-            raise BadInputError(f"budget must be a ratio < 1, a token count >= 1 or 'full', got {raw!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise BadInputError(f"budget must be > 0, got {raw!r}")
-        return cls(value)
+            value = float("nan")
+        if math.isfinite(value) and 0 < value < 1:
+            return cls(value)
+        if value == 1:
+            return cls(None)  # ratio 1: every key
+        if math.isfinite(value) and value >= 2 and value == int(value) and not (isinstance(text, str)
+                                                                                 and text.endswith("%")):
+            return cls(float(int(value)))
+        raise BadInputError(f"budget must be a ratio in (0, 1] (1 = full; 50% also accepted), a whole number of "
+                            f"keys >= 2, or 'full'; got {raw!r}")
 
     @property
     def is_full(self) -> bool:

@@ -38,10 +38,17 @@ class SeqtoolCacheLayer(DynamicLayer):
         #: Free-form per-layer method state (Quest page bounds, Recycled top-K ...). Key it by
         #: ``call.key_offset`` so rows with different padding keep separate entries; cleared on batch changes.
         self.state: dict = {}
+        #: (B, L) long: original position (padded-batch coordinates, counting every token seen) of each kept
+        #: slot; follows eviction (:meth:`keep`) so diagnostics can map a selection back (``recall``).
+        self.positions: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        t = key_states.shape[-2]
+        new = torch.arange(self.cumulative_length, self.cumulative_length + t, device=key_states.device)
+        new = new.expand(key_states.shape[0], t)
+        self.positions = new if self.positions is None else torch.cat([self.positions, new], 1)
+        self.cumulative_length += t
         if self.runtime is not None:
             self.runtime.pending_cache = self
         return keys, values
@@ -76,12 +83,15 @@ class SeqtoolCacheLayer(DynamicLayer):
         self.values = torch.gather(self.values, 2, gather)
         self.kv_start = kv_start
         self.evicted_tokens += before - self.keys.shape[-2]
+        if self.positions is not None:
+            self.positions = torch.gather(self.positions, 1, index)
 
     def reset(self) -> None:
         super().reset()
         self.kv_start = None
         self.evicted_tokens = 0
         self.state = {}
+        self.positions = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.evicted_tokens:
@@ -89,21 +99,29 @@ class SeqtoolCacheLayer(DynamicLayer):
         super().crop(tokens_to_remove)
         self.cumulative_length = self.kept_length()
         self.state = {}
+        if self.positions is not None:
+            self.positions = self.positions[:, : self.cumulative_length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.state = {}
         if self.kv_start is not None:
             self.kv_start = self.kv_start[indices]
+        if self.positions is not None:
+            self.positions = self.positions[indices]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.state = {}
         if self.kv_start is not None:
             self.kv_start = self.kv_start.repeat_interleave(repeats, 0)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, 0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.state = {}
         if self.kv_start is not None:
             self.kv_start = self.kv_start.index_select(0, beam_idx.to(self.kv_start.device))
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))

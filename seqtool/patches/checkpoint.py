@@ -52,7 +52,8 @@ def patch_checkpoint(source: str, method: str, *, budget: str | float | None = N
     handle = apply_patch(model, method, **options)  # validates every option before anything is written
     step, spec = handle.recipe_step(), handle.spec
     handle.remove()
-    rep = patch_report(model, method, options, probe_tokens=probe_tokens) if report else None
+    rep = patch_report(model, method, options, probe_tokens=probe_tokens, tokenizer=loaded.tokenizer) \
+        if report else None
     out = None
     if target is not None:
         from seqtool.arch.io import resolve_dtype

@@ -1,8 +1,16 @@
 """``recycled``: Recycled Attention for decode (Xu et al., 2024).
 
-Every ``stride`` decode steps (and at the end of prefill) a *full* step attends every key and records, per KV
+At the end of prefill and then whenever a full step is due, a *full* step attends every key and records, per KV
 head, the ``K`` keys with the most attention mass (summed over the query heads of the group). The steps in
 between attend only those ``K`` keys plus every token that came after the full step. Prefill is dense.
+
+When a full step is due (the paper's fixed stride and its dynamic variant): every ``stride`` steps, and, with
+``sim`` > -1, whenever the step's query has drifted from the query of the last full step (cosine similarity,
+mean over the layer's heads, below ``sim``). The dynamic rule is on by default (``sim=0.5``) because a fixed
+stride recycles the top-K of a query that did not need what the next ones need: on ``ref`` the last prefill
+query is filler text, the following steps decode the question, and with ``stride`` alone every passkey is lost
+at budget 0.5 (answer-query recall 0.84); with ``sim=0.5`` passkey is kept down to budget 0.25 at a measured
+decode kept fraction of 0.44 (docs/patches.md). ``sim=-1`` is the fixed-stride schedule.
 
 Budget → units: ``K = budget.tokens(context at the full step)``; ``stride`` (the refresh interval S) is separate.
 The top-K indices live in the cache layer (:func:`~seqtool.patches.make_cache`); without it every step is a full
@@ -52,10 +60,23 @@ class Recycled(AttentionMethod):
 
     budget: float | str | None = 0.25
     stride: int = 16
+    sim: float = 0.5
 
     def validate(self) -> None:
         if self.stride < 1:
             raise BadInputError("recycled needs stride >= 1")
+        if not -1 <= self.sim <= 1:
+            raise BadInputError(f"recycled sim is a cosine similarity in [-1, 1], got {self.sim}")
+
+    def _needs_full(self, call: AttnCall, state: dict) -> bool:
+        """A full step is due: every ``stride`` steps, or (``sim`` > -1) when the step's query drifted from the
+        query of the last full step (mean cosine over heads, worst row, below ``sim``)."""
+        if state["steps"] % self.stride == self.stride - 1:
+            return True
+        if self.sim > -1 and "q_full" in state:
+            cos = torch.nn.functional.cosine_similarity(call.q[:, :, -1].float(), state["q_full"], dim=-1)
+            return bool(cos.mean(1).min() < self.sim)
+        return False
 
     def select(self, call: AttnCall) -> Selection:
         if call.cache is not None:
@@ -65,8 +86,8 @@ class Recycled(AttentionMethod):
 
     def select_decode(self, call: AttnCall) -> Selection:
         state = call.cache.state.get(("recycled", call.key_offset)) if call.cache is not None else None
-        if state is None or "index" not in state or state["steps"] % self.stride == self.stride - 1 \
-                or state["index"].shape[0] != call.q.shape[0]:
+        if state is None or "index" not in state or state["index"].shape[0] != call.q.shape[0] \
+                or self._needs_full(call, state):
             if call.cache is not None:
                 call.cache.state[("recycled", call.key_offset)] = {"steps": 0}
             return _FullStep(call, self) if call.cache is not None else \
@@ -84,7 +105,8 @@ class Recycled(AttentionMethod):
         mass = torch.softmax(scores, -1).sum(2)  # (b, Hkv, Tk)
         k_keep = self.budget_rule.tokens(tk)
         index = mass.topk(k_keep, -1).indices.sort(-1).values
-        call.cache.state[("recycled", call.key_offset)].update(index=index, full_pos=tk - 1)
+        call.cache.state[("recycled", call.key_offset)].update(index=index, full_pos=tk - 1,
+                                                              q_full=call.q[:, :, -1].float())
 
     def make_cache_layer(self, runtime: Any) -> SeqtoolCacheLayer:
         return SeqtoolCacheLayer(runtime)

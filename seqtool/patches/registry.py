@@ -23,6 +23,8 @@ BUILTIN_MODULES = (
     "seqtool.patches.razor",
     "seqtool.patches.longheads",
     "seqtool.patches.act",
+    "seqtool.patches.snapkv",
+    "seqtool.patches.h2o",
 )
 _loaded = False
 

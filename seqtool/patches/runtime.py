@@ -101,6 +101,8 @@ class LayerRuntime:
     total_pairs: float = 0.0
     sparse_calls: int = 0
     dense_calls: int = 0
+    #: A :class:`~seqtool.patches.recall.RecallMeter` observing every call (diagnostics), or None.
+    meter: Any = None
 
     def reset_stats(self) -> None:
         self.kept_pairs = None
@@ -209,6 +211,8 @@ def _run_method(rt: LayerRuntime, call: AttnCall) -> torch.Tensor:
         rt.dense_calls += 1
     else:
         rt.sparse_calls += 1
+    if rt.meter is not None:
+        rt.meter.observe(rt.layer_idx, call, selection)
     if rt.recording:
         rt.records.append(CallRecord(call.rows, call.key_offset, 0, call.tq, call.tk, selection, dense, call.scale))
     return out

@@ -38,6 +38,8 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
             key = key.strip().replace("-", "_")
             if not key:
                 raise BadInputError(f"option '{item}' has no name; use key=value")
+            if not value.strip():
+                raise BadInputError(f"option '{key}' has an empty value; use {key}=VALUE")
             options[key] = value.strip()
             last = key
         elif last is not None:

@@ -27,11 +27,13 @@ CASES = [
     MethodCase("streaming", dict(block=16, sink_blocks=1), decode_reference="forward"),
     MethodCase("block_topk", dict(block=16, page=8)),
     MethodCase("vertical_slash", dict(block=16, last_q=16), sparse_decode=False),
-    MethodCase("recycled", dict(stride=3), sparse_prefill=False),
+    MethodCase("recycled", dict(stride=3, sim=-1.0), sparse_prefill=False),
     MethodCase("hip", dict(block_size=16)),
     MethodCase("infllm", dict(block_size=16)),
     MethodCase("razor", dict(block=16, heads=("0.0",), compensate=False)),
     MethodCase("longheads", dict(block_size=16)),
     MethodCase("act", dict(heads=(), block=16), sparse_prefill=False, sparse_decode=False),
+    MethodCase("snapkv", dict(window=8), sparse_prefill=False),
+    MethodCase("h2o", dict(sinks=2), sparse_prefill=False),
 ]
 BY_NAME = {c.name: c for c in CASES}
