@@ -324,6 +324,18 @@ class ShiftedAttentionHandle:
         self.remove()
 
 
+def resolve_group_size(context: int, group_size: str | int | None) -> int:
+    """``--group-size`` for ``context``-token rows: default a quarter of the context (LongLoRA). A size that does not
+    divide the context is refused (not padded), so every training group has the same length."""
+    from seqtool.utils import parse_length
+
+    size = context // 4 if group_size is None else parse_length(group_size)
+    if size < 2 or context % size:
+        raise BadInputError(f"--group-size {size} does not divide the context {context}; seqtool refuses rather than "
+                            f"pad: use a divisor such as {max(2, context // 4)}")
+    return size
+
+
 def apply_shifted_attention(model: nn.Module, method: str, *, group_size: int, sinks: int | None = None,
                             impl: str = "fast") -> ShiftedAttentionHandle:
     """Make ``model`` train with ``method`` (``s2attn`` | ``sinklora``) attention in groups of ``group_size``

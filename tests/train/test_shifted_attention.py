@@ -148,3 +148,13 @@ def test_nothing_registered_on_import_and_double_apply_refused():
         with pytest.raises(BadInputError):
             apply_shifted_attention(model, "sinklora", group_size=8)
     assert ATTN_NAME not in AttentionInterface._global_mapping
+
+
+def test_group_size_must_divide_the_context():
+    from seqtool.train.shifted_attention import resolve_group_size
+
+    assert resolve_group_size(8192, None) == 2048
+    assert resolve_group_size(8192, "1k") == 1024
+    for bad in ("3000", "16k", "1"):
+        with pytest.raises(BadInputError, match="does not divide"):
+            resolve_group_size(8192, bad)
