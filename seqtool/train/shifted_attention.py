@@ -122,39 +122,86 @@ def _kv_heads_for(h0: int, h1: int, n_rep: int, k: torch.Tensor) -> tuple[torch.
     return rep[:, h0 - kv0 * n_rep: h1 - kv0 * n_rep], False
 
 
+def _to_groups(x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``(B, h, T, D)`` -> ``(B*n, h, G, D)``: the tokens of each group's slots (pad slots read position 0)."""
+    b, h, t, d = x.shape
+    n, g = layout.shape
+    flat = layout.flatten()
+    if not (n * g == t and bool((flat == torch.arange(t, device=flat.device)).all())):
+        x = x.index_select(2, flat.clamp(min=0))
+    return x.reshape(b, h, n, g, d).transpose(1, 2).reshape(b * n, h, g, d)
+
+
+def _from_groups(out: torch.Tensor, layout: torch.Tensor, b: int, t: int, first: int = 0) -> torch.Tensor:
+    """``(B*n, h, G, D)`` in slot order -> ``(B, h, t - first, D)``: positions ``first..t-1`` in order (the layout
+    holds each of them once; pad slots are dropped)."""
+    n, g = layout.shape
+    h, d = out.shape[1], out.shape[3]
+    out = out.reshape(b, n, h, g, d).transpose(1, 2).reshape(b, h, n * g, d)
+    flat = layout.flatten()
+    real = flat >= 0
+    slot_of = torch.empty(t - first, dtype=torch.long, device=out.device)
+    slot_of[flat[real] - first] = torch.arange(n * g, device=out.device)[real]
+    if n * g == t - first and bool((slot_of == torch.arange(t - first, device=out.device)).all()):
+        return out
+    return out.index_select(2, slot_of)
+
+
+def _sink_prefix_ok(layout: torch.Tensor, n_sinks: int) -> int:
+    """Length m of group 0's real prefix if the mask-free sink path applies (group 0 = positions 0..m-1 after
+    leading pads, m >= sinks, no other group has a pad before a real slot), else 0."""
+    first = layout[0][layout[0] >= 0]
+    m = first.numel()
+    if m < n_sinks or not bool((first == torch.arange(m, device=layout.device)).all()):
+        return 0
+    rest = layout[1:] >= 0
+    if bool((~rest[:, :-1] & rest[:, 1:]).any()) or not bool(rest[:, 0].all()):
+        return 0
+    return m
+
+
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, n_sinks: int,
                   key_valid: torch.Tensor | None, gqa: bool, dropout: float, scaling: float | None) -> torch.Tensor:
-    """q ``(B, h, T, D)``, k/v ``(B, hk, T, D)`` -> ``(B, h, T, D)``: SDPA per group of ``layout``, batched."""
-    b, h, t, d = q.shape
-    n, g = layout.shape
+    """q ``(B, h, T, D)``, k/v ``(B, hk, T, D)`` -> ``(B, h, T, D)``: SDPA per group of ``layout``, batched.
+
+    Three paths, all exact: (1) no sinks, no padding, pads only after real slots: causal SDPA per group, no
+    mask; (2) sinks, no padding: group 0 (which holds the sinks) is plain causal over its real prefix, every
+    other group runs causal SDPA over ``[sinks | group]`` queries and keys and drops the sink-query rows, still
+    mask-free; (3) otherwise an explicit ``(G, sinks + G)`` boolean mask per group.
+    """
+    b, _, t, _ = q.shape
     layout = layout.to(q.device)
-    flat = layout.clamp(min=0).flatten()
-    identity = n * g == t and bool((layout.flatten() == torch.arange(t, device=q.device)).all())
+    sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    leading_pads = bool((layout[0] < 0).any()) and bool((layout[0] >= 0).any())
+    use_prefix = (n_sinks or leading_pads) and key_valid is None and layout.shape[0] > 1
+    prefix = _sink_prefix_ok(layout, n_sinks) if use_prefix else 0
+    if prefix:
+        head = F.scaled_dot_product_attention(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                              is_causal=True, **sdpa)
+        rest = layout[1:]
+        n = rest.shape[0]
 
-    def to_groups(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, D) -> (B*n, h, G, D)
-        x = x if identity else x.index_select(2, flat)
-        return x.reshape(b, x.shape[1], n, g, d).transpose(1, 2).reshape(b * n, x.shape[1], g, d)
+        def with_sinks(x: torch.Tensor) -> torch.Tensor:
+            hx, d = x.shape[1], x.shape[3]
+            sinks = x[:, :, :n_sinks].unsqueeze(1).expand(b, n, hx, n_sinks, d).reshape(b * n, hx, n_sinks, d)
+            return torch.cat([sinks, _to_groups(x, rest)], dim=2)
 
-    qg, kg, vg = to_groups(q), to_groups(k), to_groups(v)
-    if n_sinks:
-        def with_sinks(x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-            s = x[:, :, :n_sinks].unsqueeze(1).expand(b, n, x.shape[1], n_sinks, d).reshape(b * n, x.shape[1], n_sinks, d)
-            return torch.cat([s, xg], dim=2)
-
-        kg, vg = with_sinks(k, kg), with_sinks(v, vg)
+        out = F.scaled_dot_product_attention(with_sinks(q), with_sinks(k), with_sinks(v), is_causal=True, **sdpa)
+        return torch.cat([head, _from_groups(out[:, :, n_sinks:], rest, b, t, first=prefix)], dim=2)
+    qg, kg, vg = _to_groups(q, layout), _to_groups(k, layout), _to_groups(v, layout)
     mask = _group_mask(layout, n_sinks, key_valid)
+    if n_sinks:
+        def prepend_sinks(x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+            n, hx, d = layout.shape[0], x.shape[1], x.shape[3]
+            sinks = x[:, :, :n_sinks].unsqueeze(1).expand(b, n, hx, n_sinks, d).reshape(b * n, hx, n_sinks, d)
+            return torch.cat([sinks, xg], dim=2)
+
+        kg, vg = prepend_sinks(k, kg), prepend_sinks(v, vg)
     if mask is not None:
-        mask = (mask.unsqueeze(0).expand(b, *mask.shape) if mask.dim() == 3 else mask)
-        mask = mask.reshape(b * n, 1, g, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                         scale=scaling, enable_gqa=gqa)
-    out = out.view(b, n, h, g, d).transpose(1, 2).reshape(b, h, n * g, d)
-    if identity:
-        return out
-    slot_of = torch.empty(t, dtype=torch.long, device=q.device)
-    real = layout.flatten() >= 0
-    slot_of[layout.flatten()[real]] = torch.arange(n * g, device=q.device)[real]
-    return out.index_select(2, slot_of)
+        mask = mask.unsqueeze(0).expand(b, *mask.shape) if mask.dim() == 3 else mask
+        mask = mask.reshape(-1, 1, layout.shape[1], mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None, **sdpa)
+    return _from_groups(out, layout, b, t)
 
 
 def shifted_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: ShiftedSpec, *,
