@@ -124,7 +124,7 @@ def run_gqa(args, cache: Cache) -> None:
 
 def run_prune(args, cache: Cache) -> None:
     import seqtool
-    from seqtool.convert.lora_recover import recover_lora
+    from seqtool.convert.recover import recover
 
     for ratio in RATIOS:
         for criterion in CRITERIA:
@@ -138,7 +138,8 @@ def run_prune(args, cache: Cache) -> None:
                          "intermediate": res.after.intermediate}
                 if f"{base}/none" not in cache:
                     cache.put(f"{base}/none", {**evaluate_row(res.model, res.tokenizer, args), **shape})
-                rec = recover_lora(res.model, res.tokenizer, steps=args.recover_steps, seed=seed)
+                rec = recover(res.model, res.tokenizer, "lora", kinds=("attention", "mlp"), steps=args.recover_steps,
+                              seed=seed)
                 cache.put(f"{base}/lora", {**evaluate_row(res.model, res.tokenizer, args), **shape,
                                            "loss_start": rec.loss_start, "loss_end": rec.loss_end})
 

@@ -1,14 +1,14 @@
 """seqtool: rewrite Hugging Face causal LMs into cheaper long-context models and measure the cost.
 
 Public API (each returns the same result objects the CLI renders):
-``load``, ``save``, ``inspect``, ``profile``, ``evaluate``, ``patch``, ``convert``, ``prune``.
+``load``, ``save``, ``inspect``, ``profile``, ``evaluate``, ``patch``, ``convert``, ``prune``, ``finetune``.
 Importing seqtool patches nothing.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "save", "inspect", "profile", "evaluate", "patch", "convert", "prune", "__version__"]
+__all__ = ["load", "save", "inspect", "profile", "evaluate", "patch", "convert", "prune", "finetune", "__version__"]
 
 
 def load(source, **kwargs):
@@ -65,3 +65,10 @@ def prune(model, ratio, **options):
     from seqtool.convert.prune import prune_model
 
     return prune_model(model, ratio, **options)
+
+
+def finetune(model, *, steps, **options):
+    """Fine-tune (LoRA or full, weighted objectives) and save merged; see :func:`seqtool.train.finetune.finetune`."""
+    from seqtool.train.finetune import finetune as _finetune
+
+    return _finetune(model, steps=steps, **options)

@@ -9,6 +9,7 @@ from seqtool.cli import eval_cmd, inspect_cmd, zoo_cmd
 from seqtool.cli import profile_cmd
 from seqtool.cli import convert_cmd, prune_cmd
 from seqtool.cli import patch_cmd
+from seqtool.cli import finetune_cmd
 
 app = typer.Typer(
     name="seqtool",
@@ -36,7 +37,7 @@ def root(
     common.quiet_libraries()
 
 
-for _module in (inspect_cmd, profile_cmd, eval_cmd, zoo_cmd, convert_cmd, prune_cmd, patch_cmd):
+for _module in (inspect_cmd, profile_cmd, eval_cmd, zoo_cmd, convert_cmd, prune_cmd, patch_cmd, finetune_cmd):
     _module.register(app)
 
 

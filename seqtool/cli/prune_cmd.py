@@ -7,8 +7,9 @@ import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, emit,
                                 handle_errors, log)
-from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, SamplesOpt, SeedOpt, SeqLenOpt, StepsOpt,
-                                     render, resolve_output)
+from seqtool.cli.common import is_quiet
+from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, ResumeOpt, RunDirOpt, SamplesOpt, SeedOpt, SeqLenOpt,
+                                     StepsOpt, render, resolve_output)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,9 @@ def register(app: typer.Typer) -> None:
         samples: SamplesOpt = 50,
         seq_len: SeqLenOpt = 128,
         recover: RecoverOpt = None,
-        steps: StepsOpt = 100,
+        steps: StepsOpt = None,
+        run_dir: RunDirOpt = None,
+        resume: ResumeOpt = False,
         seed: SeedOpt = 0,
         force: ForceOpt = False,
         in_place: InPlaceOpt = False,
@@ -46,6 +49,7 @@ def register(app: typer.Typer) -> None:
         log(f"pruning {ratio:g} of {model} ({criterion}) ...")
         result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
                              gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                             recover=recover, steps=steps, force=force, in_place=in_place, dtype=dtype,
+                             recover=recover, steps=steps, run_dir=run_dir, resume=resume,
+                             progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype,
                              device=device)
         emit(result, json_out, render)

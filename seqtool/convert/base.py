@@ -44,10 +44,12 @@ def available() -> list[str]:
 
 @dataclass
 class Conversion:
-    """Options of one conversion. Subclasses set ``op`` (the recipe op) and override ``check``/``apply``."""
+    """Options of one conversion. Subclasses set ``op`` (the recipe op), ``changed_kinds`` (the module kinds it
+    rewrites: what ``--recover full|distill`` trains) and override ``check``/``apply``."""
 
     name: ClassVar[str] = ""
     op: ClassVar[str] = "convert"
+    changed_kinds: ClassVar[tuple[str, ...]] = ("attention", "mlp")
 
     @property
     def needs_calibration(self) -> bool:
@@ -81,12 +83,13 @@ class ShapeSummary:
 
 @dataclass
 class RecoveryResult:
-    """A LoRA recovery fine-tune: losses are the mean of the first / last 10 % of steps."""
+    """A recovery fine-tune (``lora`` | ``full`` | ``distill``): losses are the mean of the first / last 10 % of
+    steps; ``target_modules`` are the module kinds trained; perplexities on the data's held-out rows."""
 
     method: str
     steps: int
-    rank: int
-    alpha: int
+    rank: int | None
+    alpha: int | None
     lr: float
     batch_size: int
     seq_len: int
@@ -95,6 +98,10 @@ class RecoveryResult:
     loss_end: float
     seconds: float
     adapter_dir: str | None = None
+    objectives: list = field(default_factory=list)
+    data_fingerprint: str | None = None
+    heldout_ppl_before: float | None = None
+    heldout_ppl_after: float | None = None
 
 
 @dataclass
@@ -168,7 +175,8 @@ def make_conversion(to: str, options: dict) -> Conversion:
 
 def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer: Any = None,
             calib: str | Path | None = None, samples: int = 50, seq_len: int = 128, seed: int = 0,
-            recover: str | None = None, steps: int = 100, recover_options: dict | None = None,
+            recover: str | None = None, steps: int | None = None, recover_options: dict | None = None,
+            run_dir: str | Path | None = None, resume: bool = False, progress: str = "off",
             force: bool = False, in_place: bool = False, dtype: str = "auto", device: str = "auto",
             **options: Any) -> ConvertResult:
     """Apply registered conversion ``to`` (``gqa``, ``prune``, ...) to ``model`` and optionally save it.
@@ -176,7 +184,10 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     ``model`` is a path / preset name / LoadedModel / transformers model (converted in place). Calibration uses
     ``samples`` windows of ``seq_len`` tokens from ``calib`` (a text file) or built-in text. ``recover="lora"``
     fine-tunes LoRA adapters for ``steps`` steps and merges them; with ``output`` the adapter is also saved in peft
-    format under ``output/lora_adapter``. Conversion-specific ``options`` go to the conversion's dataclass.
+    format under ``output/lora_adapter``; ``"full"`` trains the modules the conversion changed, ``"distill"`` the
+    same with KL to the unconverted model (see :mod:`seqtool.convert.recover`; ``steps`` None = the mode's
+    default; ``run_dir``/``resume`` make the recovery resumable). Conversion-specific ``options`` go to the
+    conversion's dataclass.
     """
     from seqtool.convert import calib as calib_mod
 
@@ -185,8 +196,9 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     if to in CONVERSIONS and "seed" in {f.name for f in dataclasses.fields(CONVERSIONS[to])}:
         options.setdefault("seed", seed)  # conversions with their own randomness share the run's seed
     conversion = make_conversion(to, options)
-    if recover not in (None, "none", "lora"):
-        raise BadInputError(f"unknown recovery '{recover}'; use lora or leave it out")
+    recover = None if recover in (None, "none") else recover
+    if recover is not None and recover not in ("lora", "full", "distill"):
+        raise BadInputError(f"unknown recovery '{recover}'; use lora, full or distill, or leave it out")
     if output is not None:
         from seqtool.arch.io import prepare_output
 
@@ -207,28 +219,39 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                        "seed": seed}
     was_training = net.training
     net.eval()
+    teacher = None
+    if recover == "distill":
+        import copy
+
+        teacher = copy.deepcopy(net)  # the model before the rewrite is the distillation teacher
     details = conversion.apply(net, calib_ids)
     after = shape_summary(net)
 
     recovery, adapter_tmp = None, None
-    if recover == "lora":
-        from seqtool.convert.lora_recover import recover_lora
+    if recover is not None:
+        from seqtool.convert.recover import recover as run_recovery
 
         if loaded.tokenizer is None:
-            raise BadInputError("LoRA recovery needs a tokenizer; pass tokenizer= with a bare model")
-        if output is not None:
+            raise BadInputError("recovery needs a tokenizer; pass tokenizer= with a bare model")
+        if output is not None and recover == "lora":
             out_parent = Path(output).expanduser().resolve().parent
             out_parent.mkdir(parents=True, exist_ok=True)
             adapter_tmp = Path(tempfile.mkdtemp(prefix=".seqtool-adapter-", dir=out_parent))
-        recovery = recover_lora(net, loaded.tokenizer, steps=steps, seed=seed, adapter_dir=adapter_tmp,
-                                **(recover_options or {}))
+            shutil.rmtree(adapter_tmp)  # peft writes the directory itself
+        recovery = run_recovery(net, loaded.tokenizer, recover, kinds=conversion.changed_kinds, teacher=teacher,
+                                steps=steps, seed=seed, adapter_dir=adapter_tmp, run_dir=run_dir, resume=resume,
+                                progress=progress, **(recover_options or {}))
+        teacher = None
     net.train(was_training)
 
     step = {**conversion.step(), **{k: v for k, v in details.items() if k in _STEP_DETAIL_KEYS}}
     if calibration:
         step["calibration"] = calibration
     if recovery is not None:
-        step["recover"] = {"method": "lora", "steps": recovery.steps, "rank": recovery.rank, "lr": recovery.lr}
+        step["recover"] = {"method": recovery.method, "steps": recovery.steps, "rank": recovery.rank,
+                           "lr": recovery.lr, "train": recovery.target_modules, "objectives": recovery.objectives,
+                           "batch": recovery.batch_size, "seq_len": recovery.seq_len,
+                           "data_fingerprint": recovery.data_fingerprint, "final_loss": recovery.loss_end}
     out_path = None
     if output is not None:
         from seqtool.arch.io import save_model

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ _MAX_EXHAUSTIVE = 20_000
 class GQAConversion(Conversion):
     """Options: ``kv_heads`` (new KV-head count, must divide the current one), ``grouping`` (mean|key)."""
 
+    changed_kinds: ClassVar[tuple[str, ...]] = ("attention",)
     kv_heads: int
     grouping: str = "mean"
 
