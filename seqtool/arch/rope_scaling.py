@@ -135,26 +135,34 @@ def plan_context_extension(config: Any, context: str | int, rope_scale: str | No
     return ContextPlan(ctx, max_pos, new, float(factor), kind, source, trained)
 
 
-def apply_context_extension(model: Any, plan: ContextPlan) -> None:
-    """Write ``plan`` into ``model.config`` (checked to survive a plain transformers round trip) and rebuild every
-    rotary embedding module from the new config."""
-    config = model.config
+def check_context_extension(config: Any, plan: ContextPlan) -> Any:
+    """A copy of ``config`` with ``plan`` written, checked to survive a plain transformers round trip (some classes,
+    e.g. Phi3Config, accept only their own RoPE types); a one-line error otherwise."""
     candidate = copy.deepcopy(config)
     candidate.max_position_embeddings = plan.max_position_embeddings
-    if plan.rope_parameters is not None:
-        candidate.rope_parameters = dict(plan.rope_parameters)
-        if hasattr(candidate, "original_max_position_embeddings") and "original_max_position_embeddings" in plan.rope_parameters:
-            candidate.original_max_position_embeddings = plan.rope_parameters["original_max_position_embeddings"]
-        try:
-            reloaded = type(candidate).from_dict(candidate.to_dict())
-        except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/KeyError for unsupported types
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().endswith(":")]
-            why = f": {lines[0][:200]}" if lines else ""
-            raise BadInputError(f"transformers' {type(config).__name__} does not accept RoPE '{plan.rope_type}'{why}") from None
-        got = reloaded.rope_parameters or {}
-        if got.get("rope_type") != plan.rope_type or float(got.get("factor", 0)) != plan.rope_parameters["factor"]:
-            raise BadInputError(f"transformers' {type(config).__name__} rewrites RoPE '{plan.rope_type}' as "
-                                f"'{got.get('rope_type')}' on load; choose another --rope-scale type")
+    if plan.rope_parameters is None:
+        return candidate
+    candidate.rope_parameters = dict(plan.rope_parameters)
+    if hasattr(candidate, "original_max_position_embeddings") and "original_max_position_embeddings" in plan.rope_parameters:
+        candidate.original_max_position_embeddings = plan.rope_parameters["original_max_position_embeddings"]
+    try:
+        reloaded = type(candidate).from_dict(candidate.to_dict())
+    except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/KeyError for unsupported types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().endswith(":")]
+        why = f": {lines[0][:200]}" if lines else ""
+        raise BadInputError(f"transformers' {type(config).__name__} does not accept RoPE '{plan.rope_type}'{why}") from None
+    got = reloaded.rope_parameters or {}
+    if got.get("rope_type") != plan.rope_type or float(got.get("factor", 0)) != plan.rope_parameters["factor"]:
+        raise BadInputError(f"transformers' {type(config).__name__} rewrites RoPE '{plan.rope_type}' as "
+                            f"'{got.get('rope_type')}' on load; choose another --rope-scale type")
+    return candidate
+
+
+def apply_context_extension(model: Any, plan: ContextPlan) -> None:
+    """Write ``plan`` into ``model.config`` (checked by :func:`check_context_extension`) and rebuild every rotary
+    embedding module from the new config."""
+    config = model.config
+    candidate = check_context_extension(config, plan)
     config.max_position_embeddings = candidate.max_position_embeddings
     if plan.rope_parameters is not None:
         config.rope_parameters = candidate.rope_parameters
