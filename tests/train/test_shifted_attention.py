@@ -158,3 +158,16 @@ def test_group_size_must_divide_the_context():
     for bad in ("3000", "16k", "1"):
         with pytest.raises(BadInputError, match="does not divide"):
             resolve_group_size(8192, bad)
+
+
+def test_cached_calls_fall_back_to_dense_causal():
+    """With a KV cache (q_len < kv_len, e.g. generate while the handle is on) the call is dense causal attention."""
+    from types import SimpleNamespace
+
+    from seqtool.train.shifted_attention import SPEC_ATTR, seqtool_shifted_attention
+
+    module = SimpleNamespace(training=False, **{SPEC_ATTR: ShiftedSpec("sinklora", 4, 2)})
+    q, k, v = _qkv(1, 4, 2, 10)
+    out, _ = seqtool_shifted_attention(module, q[:, :, -3:], k, v, None)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[:, :, -3:]
+    torch.testing.assert_close(out, dense.transpose(1, 2), rtol=0, atol=1e-12)
