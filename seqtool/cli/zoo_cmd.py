@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     @zoo_app.command("train-ref")
     @handle_errors
     def train_ref_command(
-        run_dir: Annotated[str, typer.Option("--run-dir", help="Checkpoint and log directory; resumes when it holds ckpt.pt.")],
+        run_dir: Annotated[str, typer.Option("--run-dir", help="Checkpoint and log directory; resumes when it holds checkpoint.pt.")],
         tiny: Annotated[bool, typer.Option("--tiny", help="Seconds-long configuration (CI smoke test).")] = False,
         max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps in this call.")] = None,
         export: Annotated[str | None, typer.Option("--export", help="After training, export the checkpoint (bf16 HF dir) here.")] = None,

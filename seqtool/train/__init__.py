@@ -18,9 +18,12 @@ Pieces (import them from their modules; nothing here imports torch at package im
   built-ins ``LMLoss``, ``KLDistill(temperature, top_k)``, ``ModuleMatch(module_names)``, ``AuxLoss(fn, names)``
   and ``emit_aux_loss(name, tensor)`` for modules (routers) to report terms during the forward.
 - :mod:`seqtool.train.loop` — ``Trainer(model, data, objectives, TrainConfig(...), teacher=, run_dir=, resume=,
-  identity=, dist=, layers=).run(max_steps=None) -> TrainOutcome``: AdamW, warmup + cosine, grad accumulation,
-  clipping, bf16 autocast on GPU, gradient checkpointing, atomic resumable checkpoints, ``log.jsonl``,
-  progress, ``loss.png``.
+  identity=, dist=, layers=, callbacks=).run(max_steps=None) -> TrainOutcome``: AdamW, warmup + cosine, grad
+  accumulation, clipping, bf16 autocast on GPU, gradient checkpointing, atomic resumable checkpoints,
+  ``log.jsonl``, progress, ``loss.png``. ``data`` is any batch source with ``micro_batches(step, grad_accum,
+  batch, seed) -> [{"input_ids", "labels", ...extra tensors}]``, ``heldout`` (rows or None) and ``fingerprint``
+  (``PackedData`` is one; ``seqtool.zoo.train_ref.RefBatches`` is a curriculum); extras reach objectives as
+  ``ctx.batch``. ``callbacks``: ``fn(trainer, record)`` after every step (extra evals, logging).
 - :mod:`seqtool.train.dist` — ``torchrun`` / ``accelerate launch``: ``init(mode)``, FSDP2 ``fully_shard`` per
   decoder layer or DDP, rank 0 gathers and saves.
 - :mod:`seqtool.train.finetune` — ``finetune(model, steps=, data=, output=, method=, train=, loss=, teacher=, ...)

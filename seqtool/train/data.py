@@ -75,6 +75,16 @@ class PackedData:
             out.append(int(self._perm(epoch, seed)[off]))
         return torch.tensor(out, dtype=torch.long)
 
+    def micro_batches(self, step: int, grad_accum: int, batch: int, seed: int) -> list[dict]:
+        """The global micro-batches of optimizer ``step``: ``{"input_ids", "labels"}`` (batch, L) each. This is
+        the batch-source interface :class:`~seqtool.train.loop.Trainer` reads; another source (curriculum rows,
+        extra tensors for an objective) implements the same method plus ``heldout`` and ``fingerprint``."""
+        out = []
+        for m in range(grad_accum):
+            rows = self.step_rows(step, m, batch, grad_accum, seed)
+            out.append({"input_ids": self.train[rows], "labels": self.labels(rows)})
+        return out
+
     def _perm(self, epoch: int, seed: int) -> torch.Tensor:
         cache = self.__dict__.setdefault("_perms", {})
         if (epoch, seed) not in cache:
@@ -152,11 +162,17 @@ def read_documents(source: str | None, text_field: str = "text", cache_dir: Path
             raise BadInputError(f"data '{source}' does not exist; pass a text/JSONL file, a directory or a "
                                 "datasets directory")
         else:
+            import huggingface_hub.constants as hub_constants
+
+            saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True  # env vars count only at import
             try:
                 ds = datasets.load_dataset(source, split="train")
             except Exception:
                 raise BadInputError(f"data '{source}' is neither a local path nor a dataset in the local Hugging "
                                     "Face cache (seqtool never downloads)") from None
+            finally:
+                datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
     except BadInputError:
         raise
     except Exception as exc:  # a malformed file: say which and why, in one line

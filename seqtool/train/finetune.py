@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,17 @@ class FinetuneResult:
     adapter_dir: str | None = None
     run_dir: str | None = None
     resumed_from: int | None = None
-    history: list = field(default_factory=list, repr=False)
     long_context: dict | None = None  # --context runs: context, rope_scale, attention, group_size, sinks
 
     @property
     def model(self):
+        """The merged model (not serialised)."""
         return getattr(self, "_model", None)
+
+    @property
+    def history(self) -> list[dict]:
+        """Per-step log records (also in ``run_dir/log.jsonl``; not in the JSON output)."""
+        return getattr(self, "_history", [])
 
 
 def build_objectives(loss: str | dict[str, float], *, student: nn.Module, kl_temperature: float = 1.0,
@@ -117,7 +123,7 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData, config: Train
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    net = prepare(model, method, kinds, lora)
+    net = prepare(model, method, kinds, lora, seed=config.seed)
     trainable, total = count_parameters(net)
     template = None
     if info.enabled and info.mode == "fsdp" and info.is_main:
@@ -302,8 +308,6 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
             attention_handle.remove()
         if adapter_tmp is not None and adapter_tmp.exists():
             shutil.rmtree(adapter_tmp, ignore_errors=True)
-    import math
-
     result = FinetuneResult(
         source=str(loaded.source), output=str(out_path) if out_path else None, method=requested_method, train=kinds,
         objectives=run.objectives, steps=run.outcome.steps, tokens=run.outcome.tokens,
@@ -313,6 +317,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
         loss_final=run.outcome.final, heldout_ppl_before=round(math.exp(run.heldout_loss_before), 4),
         heldout_ppl=round(math.exp(run.heldout_loss), 4), teacher=teacher_name, adapter_dir=adapter_out,
         run_dir=str(run_dir) if run_dir is not None else None, resumed_from=run.outcome.resumed_from,
-        history=run.outcome.history, long_context=long_setup.recipe_fields() if long_setup else None)
+        long_context=long_setup.recipe_fields() if long_setup else None)
     object.__setattr__(result, "_model", run.model)
+    object.__setattr__(result, "_history", run.outcome.history)
     return result

@@ -6,7 +6,7 @@ checkpointing, resumable checkpoints, JSON-lines log, progress; one process or m
 
 ``run_dir`` holds ``run.json`` (what defines the run: resuming with anything else is an error),
 ``checkpoint.pt`` (trainable weights, optimizer, step, RNG, log so far; replaced atomically), ``log.jsonl`` and
-``loss.png`` (``plot=True``). The rows of each step come from ``data.step_rows`` (seed, step) and the learning
+``loss.png`` (``plot=True``). The rows of each step come from ``data.micro_batches`` (seed, step) and the learning
 rate from the step, so ``resume=True`` continues bit-identically.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,7 +140,8 @@ class Trainer:
     def __init__(self, model: nn.Module, data: PackedData, objectives: list[Objective], config: TrainConfig, *,
                  teacher: nn.Module | None = None, run_dir: str | Path | None = None, resume: bool = False,
                  identity: dict | None = None, dist: dist_mod.DistInfo | None = None,
-                 layers: nn.ModuleList | None = None):
+                 layers: nn.ModuleList | None = None, callbacks: list | None = None,
+                 allow_changes_on_resume: bool = False):
         config.check()
         if not objectives:
             raise BadInputError("no training objective given")
@@ -152,6 +154,8 @@ class Trainer:
         self.teacher = teacher
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
+        self.callbacks = list(callbacks or [])  # fn(trainer, record) after every step (may add to the record)
+        self.allow_changes_on_resume = allow_changes_on_resume
         self.identity = {"config": {k: v for k, v in _jsonable(asdict(config)).items() if k not in RESUME_FREE},
                          "data_rows": data.fingerprint, "objectives": [o.describe() for o in objectives],
                          **(identity or {})}
@@ -173,9 +177,11 @@ class Trainer:
         groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                               {"params": other, "weight_decay": 0.0}) if g["params"]]
         self.optim = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after wrapping (FSDP: DTensors)
         self.autocast = self.device.type == "cuda" and config.bf16 != "off" or config.bf16 == "on"
         self.history: list[dict] = []
         self.step = 0
+        self.tokens = 0
         self.resumed_from: int | None = None
 
     # ------------------------------------------------------------ run directory
@@ -192,7 +198,9 @@ class Trainer:
             saved = json.loads(run_file.read_text())
             mine = _jsonable(self.identity)
             diff = _first_difference(saved, mine)
-            if diff is not None:
+            if diff is not None and self.allow_changes_on_resume:
+                print(f"note: resuming with changed settings ({diff})", file=sys.stderr, flush=True)
+            elif diff is not None:
                 raise BadInputError(f"--resume with different arguments ({diff}); rerun with the original arguments "
                                     "or use a new --run-dir")
             self._load_checkpoint(ckpt)
@@ -261,6 +269,7 @@ class Trainer:
                     named[n].copy_(state["trainable"][n])
             self.optim.load_state_dict(state["optim"])
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.tokens = int(self.history[-1].get("tokens", 0)) if self.history else 0
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -281,18 +290,25 @@ class Trainer:
         lr = cfg.lr_at(self.step)
         for g in self.optim.param_groups:
             g["lr"] = lr
-        micro_rows = [data.step_rows(self.step, m, cfg.batch, cfg.grad_accum, cfg.seed) for m in range(cfg.grad_accum)]
-        targets = sum(int((data.labels(rows)[:, 1:] != IGNORE).sum()) for rows in micro_rows)
+        micro = data.micro_batches(self.step, cfg.grad_accum, cfg.batch, cfg.seed)
+        targets = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
         token_scale = world / max(targets, 1)
-        micro_scale = 1.0 / cfg.grad_accum
-        per = cfg.batch // world
+        micro_scale = 1.0 / len(micro)
         parts: dict[str, float] = {}
+        tokens = 0
         started = time.perf_counter()
         self.model.train()
-        for m, rows in enumerate(micro_rows):
-            local = rows[rank * per:(rank + 1) * per]
-            ids = data.train[local].to(self.device)
-            labels = data.labels(local).to(self.device)
+        for m, mb in enumerate(micro):
+            rows = mb["input_ids"].shape[0]
+            if rows % world:
+                raise BadInputError(f"a micro-batch of {rows} rows does not split over {world} processes")
+            per = rows // world
+            tokens += mb["input_ids"].numel()
+            # This process's rows; tensors without a leading batch dimension (extras) go to every process.
+            local = {k: (v[rank * per:(rank + 1) * per] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows
+                         else v) for k, v in mb.items()}
+            local = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in local.items()}
+            ids, labels = local["input_ids"], local["labels"]
             sink: list = []
             token = _AUX_SINK.set(sink)
             try:
@@ -305,29 +321,31 @@ class Trainer:
                     teacher_logits = self._forward(self.teacher, ids).logits
             ctx = StepContext(input_ids=ids, labels=labels, logits=out.logits, target_mask=labels[:, 1:] != IGNORE,
                               token_scale=token_scale, micro_scale=micro_scale, teacher_logits=teacher_logits,
-                              aux_terms=sink, outputs=out)
+                              aux_terms=sink, outputs=out, batch=local)
             loss = out.logits.new_zeros((), dtype=torch.float32)
             for obj in self.objectives:
-                value = obj(ctx)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    value = obj(ctx)  # under the forward's autocast, as in a loop that computes loss in place
                 loss = loss + obj.weight * value
                 parts[f"loss_{obj.name}"] = parts.get(f"loss_{obj.name}", 0.0) + float(value.detach())
+                for k, v in (getattr(obj, "metrics", None) or {}).items():  # extra numbers an objective reports
+                    parts[k] = parts.get(k, 0.0) + float(v) * micro_scale
             parts["loss"] = parts.get("loss", 0.0) + float(loss.detach())
-            sync = m == cfg.grad_accum - 1
+            sync = m == len(micro) - 1
             if self.dist.enabled and self.dist.mode == "ddp" and not sync:
                 with self.model.no_sync():
                     loss.backward()
             else:
                 loss.backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip > 0 else None
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         # Each process's sums carry the factor ``world`` (token_scale): their mean over processes is the global mean.
         parts = dist_mod.all_reduce_mean(parts, self.dist)
-        tokens = cfg.batch * cfg.grad_accum * data.seq_len
         self.step += 1
-        record = {"step": self.step, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr,
+        self.tokens += tokens
+        record = {"step": self.step, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr, "tokens": self.tokens,
                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "seconds": round(seconds, 4)}
         if grad_norm is not None:
             gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -337,7 +355,10 @@ class Trainer:
     @torch.no_grad()
     def heldout_loss(self) -> float:
         """Mean next-token loss over the first ``eval_rows`` held-out rows (every process runs all of them)."""
-        rows = self.data.heldout[:self.config.eval_rows]
+        heldout = getattr(self.data, "heldout", None)
+        if heldout is None or len(heldout) == 0:
+            return float("nan")
+        rows = heldout[:self.config.eval_rows]
         self.model.eval()
         total, count = 0.0, 0
         for i in range(0, rows.shape[0], self.config.batch):
@@ -366,7 +387,11 @@ class Trainer:
             while self.step < cfg.steps and (max_steps is None or self.step - start_step < max_steps):
                 record = self.train_step()
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    record["heldout_loss"] = round(self.heldout_loss(), 6)
+                    held = self.heldout_loss()
+                    if math.isfinite(held):
+                        record["heldout_loss"] = round(held, 6)
+                for callback in self.callbacks:
+                    callback(self, record)
                 self.history.append(record)
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
@@ -393,7 +418,7 @@ class Trainer:
         done = list(self.history)
         tenth = max(1, len(done) // 10)
         evals = [r["heldout_loss"] for r in done if "heldout_loss" in r]
-        tokens = len(done) * self.config.batch * self.config.grad_accum * self.data.seq_len
+        tokens = done[-1].get("tokens", 0) if done else 0
         speeds = [r["tokens_per_s"] for r in done[-tenth * 5:]]
         return TrainOutcome(steps=self.step, tokens=tokens, seconds=round(seconds, 3),
                             tokens_per_s=round(float(np.median(speeds)), 1) if speeds else 0.0,

@@ -15,6 +15,7 @@ optimizer step: one process with batch B and N processes with B/N rows each comp
 
 A new objective subclasses :class:`Objective` and implements ``__call__(ctx) -> scalar tensor``; set
 ``needs_teacher`` when it reads ``ctx.teacher_logits`` / teacher captures. ``attach``/``detach`` install hooks.
+Extra numbers to log go in ``self.metrics`` (a dict of floats, set in ``__call__``; logged under their own keys).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class StepContext:
 
     ``input_ids``/``labels`` (B, L); ``logits`` (B, L, V) of the student; ``teacher_logits`` (B, L, V) or None;
     ``target_mask`` (B, L-1) bool: position t has a next-token target; ``token_scale``: world / (target tokens
-    in the whole optimizer step, all processes); ``micro_scale``: world / (micro-batches per step × world)."""
+    in the whole optimizer step, all processes); ``micro_scale``: 1 / micro-batches per step."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -57,6 +58,7 @@ class StepContext:
     teacher_logits: torch.Tensor | None = None
     aux_terms: list = field(default_factory=list)
     outputs: Any = None
+    batch: dict = field(default_factory=dict)  # this process's micro-batch, extra tensors of the source included
 
 
 class Objective:
@@ -87,9 +89,11 @@ class LMLoss(Objective):
     name = "lm"
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
-        logits = ctx.logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ctx.labels[:, 1:].reshape(-1),
-                              ignore_index=-100, reduction="sum")
+        # Shift the labels, not the logits: slicing (B, L, V) logits would copy them.
+        labels = F.pad(ctx.labels[:, 1:], (0, 1), value=-100)
+        logits = ctx.logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="sum")
         return nll * ctx.token_scale
 
 

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from seqtool.errors import BadInputError
@@ -27,8 +28,10 @@ class LoraOptions:
     dropout: float = 0.0
 
 
-def prepare(model: nn.Module, method: str, kinds: str | list[str], lora: LoraOptions | None = None) -> nn.Module:
-    """Make exactly ``kinds`` trainable with ``method``; returns the model to train (a peft model for lora)."""
+def prepare(model: nn.Module, method: str, kinds: str | list[str], lora: LoraOptions | None = None,
+            seed: int = 0) -> nn.Module:
+    """Make exactly ``kinds`` trainable with ``method``; returns the model to train (a peft model for lora).
+    LoRA's random init uses ``seed`` (the global RNG is left as it was)."""
     if method not in METHODS:
         raise BadInputError(f"unknown --method '{method}'; use {' or '.join(METHODS)}")
     kinds = parse_kinds(kinds)
@@ -48,9 +51,10 @@ def prepare(model: nn.Module, method: str, kinds: str | list[str], lora: LoraOpt
         raise BadInputError(f"kinds {','.join(kinds)} select no modules in this model")
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets or None,
                         modules_to_save=full or None, bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft calls a transformers API that is deprecated in 5.x (harmless)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls an API deprecated in 5.x
         warnings.filterwarnings("ignore", category=UserWarning)
+        torch.manual_seed(seed)
         return get_peft_model(model, config)
 
 

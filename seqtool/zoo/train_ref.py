@@ -7,7 +7,8 @@ Data: the stdlib's source text (train split, see ``corpus.py``) mixed with
   only: they grow the content-based induction heads that retrieval needs (a fixed copy distance would be
   solved by a positional head that does not retrieve).
 A length curriculum (phases of seq_len x batch) ends at 2048 tokens. Each step's batch depends only on
-(seed, step), so a resumed run sees exactly the data it would have seen.
+(seed, step), so a resumed run sees exactly the data it would have seen. The loop is the project's training engine
+(:class:`seqtool.train.loop.Trainer`): this module supplies the batches, the loss and the quick evals.
 
     python -m seqtool.zoo.train_ref --run-dir /path/run            # train (resumes if a checkpoint exists)
     python -m seqtool.zoo.train_ref --run-dir /path/run --export seqtool/zoo/ref
@@ -412,7 +413,13 @@ def compute_loss(model, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: flo
     """
     # Full-shape logits: selecting rows first would give a new matmul shape every step, and oneDNN's bf16
     # kernels are re-generated per shape (seconds each).
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    return _recipe_loss(model(input_ids=ids).logits, ids, tgt, answer_weight, probe, copies, attn_weight)
+
+
+def _recipe_loss(logits: torch.Tensor, ids: torch.Tensor, tgt: torch.Tensor, answer_weight: float, probe=None,
+                 copies: torch.Tensor | None = None, attn_weight: float = 0.0):
+    """:func:`compute_loss` from the forward's logits (B, L, V)."""
+    logits = logits[:, :-1].float()
     kinds = tgt[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     nll = nll.view_as(kinds)
@@ -450,14 +457,62 @@ def quick_eval(model, tok, heldout_ids: np.ndarray, task: str, seq_len: int, n: 
     return float(np.mean([exact_match(tok.decode(g, skip_special_tokens=True), s.answer) for g, s in zip(gens, samples)]))
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- training on the engine
 
-def _save_ckpt(path: Path, model, opt, step: int, history: list):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history,
-                "torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
-               tmp)
-    os.replace(tmp, path)
+CHECKPOINT = "checkpoint.pt"  # the engine's checkpoint (seqtool.train.loop); holds every weight of the model
+
+
+class RefBatches:
+    """The engine's batch source for this recipe: step ``s`` is ``make_batch(cfg, s)`` (seq_len and batch follow
+    the curriculum), with the target kinds and copy pairs as extra tensors for :class:`RefLoss`."""
+
+    heldout = None  # progress is measured by quick retrieval evals instead (see ``train``)
+
+    def __init__(self, cfg: TrainConfig, tok, train_ids: np.ndarray):
+        import hashlib
+
+        self.cfg, self.tok, self.train_ids = cfg, tok, train_ids
+        self.fingerprint = hashlib.sha1(json.dumps([cfg.seed, len(train_ids), int(train_ids[:4096].sum())])
+                                        .encode()).hexdigest()[:16]
+
+    def micro_batches(self, step: int, grad_accum: int, batch: int, seed: int) -> list[dict]:
+        ids, tgt, copies = make_batch(self.cfg, step, self.tok, self.train_ids)
+        labels = torch.where(tgt > 0, ids, torch.full_like(ids, -100))
+        return [{"input_ids": ids, "labels": labels, "kinds": tgt, "copies": copies}]
+
+
+class RefLoss:
+    """:func:`compute_loss` as an engine objective (one process, no accumulation: the recipe's own means)."""
+
+    name = "ref"
+    needs_teacher = False
+    weight = 1.0
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.probe, self.metrics = cfg, None, {}
+
+    def attach(self, student, teacher) -> None:
+        if self.cfg.attn_supervision:
+            from seqtool.zoo.attn_supervision import HeadAttentionProbe
+
+            layer, head, _ = self.cfg.attn_supervision
+            self.probe = HeadAttentionProbe(student, int(layer), int(head))
+
+    def detach(self) -> None:
+        if self.probe is not None:
+            self.probe.remove()
+            self.probe = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "answer_weight": self.cfg.answer_loss_weight,
+                "attn_supervision": self.cfg.attn_supervision}
+
+    def __call__(self, ctx) -> torch.Tensor:
+        attn_weight = float(self.cfg.attn_supervision[2]) if self.cfg.attn_supervision else 0.0
+        total, parts = _recipe_loss(ctx.logits, ctx.input_ids, ctx.batch["kinds"], self.cfg.answer_loss_weight,
+                                    self.probe, ctx.batch["copies"], attn_weight)
+        self.metrics = {f"loss_{k}": v for k, v in parts.items()}
+        return total
 
 
 def _log(run_dir: Path, msg: str):
@@ -477,75 +532,51 @@ class TrainResult:
     exported: str | None = None
 
 
+def _engine_config(cfg: TrainConfig):
+    from seqtool.train.loop import TrainConfig as LoopConfig
+
+    return LoopConfig(steps=cfg.total_steps, batch=1, lr=cfg.lr, warmup=cfg.warmup, min_lr_frac=cfg.min_lr_frac,
+                      weight_decay=cfg.weight_decay, betas=(0.9, 0.95), clip=cfg.grad_clip, seed=cfg.seed,
+                      save_every=f"{cfg.ckpt_every_s}s" if cfg.ckpt_every_s > 0 else None,
+                      bf16="on" if cfg.bf16 else "off", progress="off")
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -> TrainResult:
-    """Train (or resume) in ``run_dir`` until the curriculum ends or ``max_steps`` steps were done this call."""
+    """Train (or resume) in ``run_dir`` until the curriculum ends or ``max_steps`` steps were done this call.
+
+    The loop is the engine's (:class:`seqtool.train.loop.Trainer`): this recipe supplies the batches
+    (:class:`RefBatches`), the loss (:class:`RefLoss`) and a per-step callback that logs every ``log_every``
+    steps and runs the quick retrieval evals. A run directory with a checkpoint is resumed (a changed config is
+    noted, not refused: the shipped run lengthened phases while it went)."""
+    from seqtool.train.loop import Trainer
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    cfg_file = run_dir / "config.json"
-    if cfg_file.exists():
-        saved = json.loads(cfg_file.read_text())
-        if saved != json.loads(json.dumps(asdict(cfg))):
-            _log(run_dir, "note: config differs from the saved run config; using the new one")
-    cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     tok, train_ids, heldout_ids = prepare_data(cfg, run_dir)
     model = build_model(cfg, tok)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    ckpt = run_dir / "ckpt.pt"
-    step, history = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        step, history = state["step"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["np_rng"])
-        random.setstate(state["py_rng"])
-        _log(run_dir, f"resumed at step {step}")
-    else:
+    resume = (run_dir / CHECKPOINT).exists()
+    if not resume:
         _init_weights(model, cfg)
-        _log(run_dir, f"new run{' from ' + cfg.init_from if cfg.init_from else ''}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-                      f"{len(train_ids)} train tokens, {cfg.total_steps} steps")
     model.train()
-    probe, attn_weight = None, 0.0
-    if cfg.attn_supervision:
-        from seqtool.zoo.attn_supervision import HeadAttentionProbe
+    objective = RefLoss(cfg)
+    window: list[dict] = []
+    started: list[int] = []  # the step this call began at
 
-        layer, head, attn_weight = cfg.attn_supervision
-        probe = HeadAttentionProbe(model, int(layer), int(head))
-    t0 = time.time()
-    last_ckpt = time.time()
-    done_here = 0
-    tokens = sum(h.get("tokens", 0) for h in history[-1:]) if history else 0
-    acc: dict = {}
-    last = {}
-    while step < cfg.total_steps and (max_steps is None or done_here < max_steps):
-        length, bsz = cfg.phase_at(step)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(step)
-        ids, tgt, copies = make_batch(cfg, step, tok, train_ids)
-        ts = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, parts = compute_loss(model, ids, tgt, cfg.answer_loss_weight, probe, copies, attn_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        done_here += 1
-        tokens += ids.numel()
-        for k, v in parts.items():
-            acc.setdefault(k, []).append(v)
-        if step % cfg.log_every == 0 or step == cfg.total_steps or (max_steps and done_here == max_steps):
-            last = {k: float(np.mean(v)) for k, v in acc.items()}
-            acc = {}
-            rec = {"step": step, "seq_len": length, "batch": bsz, "lr": cfg.lr_at(step - 1), "tokens": tokens,
-                   "step_s": round(time.time() - ts, 2), **{f"loss_{k}": round(v, 4) for k, v in last.items()}}
-            history.append(rec)
-            _log(run_dir, json.dumps(rec))
+    def on_step(trainer, record: dict) -> None:
+        step = trainer.step
+        if not started:
+            started.append(step - 1)
+            if trainer.resumed_from:
+                _log(run_dir, f"resumed at step {trainer.resumed_from}")
+        start = started[0]
+        length, bsz = cfg.phase_at(step - 1)
+        record.update(seq_len=length, batch=bsz)
+        window.append(record)
+        if step % cfg.log_every == 0 or step == cfg.total_steps or (max_steps and step - start == max_steps):
+            _log(run_dir, json.dumps({k: v for k, v in record.items() if k != "eval"}))
+            window.clear()
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
             ev = {}
             # multikey needs ~300 tokens (7 distractor needles); below that check single-needle NIAH instead.
@@ -559,17 +590,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, max_steps: int | None = None) -
                     ev[f"{task}@{n_tok}"] = quick_eval(model, tok, heldout_ids, task, n_tok, cfg.eval_samples)
                 except BadInputError as exc:  # never let a monitoring check kill the run
                     _log(run_dir, f"quick eval {task}@{n_tok} skipped: {exc}")
-            if history:
-                history[-1].setdefault("eval", {}).update(ev)
+            record["eval"] = ev
             _log(run_dir, f"eval step {step}: {json.dumps(ev)}")
-        if time.time() - last_ckpt >= cfg.ckpt_every_s or step == cfg.total_steps or cfg.phase_at(step) != (length, bsz):
-            _save_ckpt(ckpt, model, opt, step, history)
-            last_ckpt = time.time()
-    _save_ckpt(ckpt, model, opt, step, history)
-    if probe is not None:
-        probe.remove()
-    return TrainResult(run_dir=str(run_dir), steps=step, tokens=tokens, seconds=round(time.time() - t0, 1),
-                       last_loss=last)
+
+    trainer = Trainer(model, RefBatches(cfg, tok, train_ids), [objective], _engine_config(cfg), run_dir=run_dir,
+                      resume=resume, identity={"recipe": asdict(cfg)}, callbacks=[on_step],
+                      allow_changes_on_resume=True)
+    if not resume:
+        _log(run_dir, f"new run{' from ' + cfg.init_from if cfg.init_from else ''}: "
+                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                      f"{len(train_ids)} train tokens, {cfg.total_steps} steps")
+    t0 = time.time()
+    outcome = trainer.run(max_steps=max_steps)
+    tail = outcome.history[-max(1, min(cfg.log_every, len(outcome.history))):] if outcome.history else []
+    keys = sorted({k for r in tail for k in r if k.startswith("loss_") and k != "loss_ref"})
+    last = {k[5:]: float(np.mean([r[k] for r in tail if k in r])) for k in keys}
+    return TrainResult(run_dir=str(run_dir), steps=trainer.step, tokens=outcome.history[-1]["tokens"]
+                       if outcome.history else 0, seconds=round(time.time() - t0, 1), last_loss=last)
 
 
 # ---------------------------------------------------------------- export
@@ -584,14 +621,17 @@ def export(run_dir: str | Path, out_dir: str | Path, *, eval_results: dict | Non
     from transformers import AutoTokenizer, GenerationConfig
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    ckpt = run_dir / "ckpt.pt"
+    ckpt = run_dir / CHECKPOINT
     if not ckpt.exists():
         raise BadInputError(f"no checkpoint at {ckpt}; train first")
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
     tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     model = build_model(cfg, tok)
     state = torch.load(ckpt, weights_only=False, map_location="cpu")
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["trainable"], strict=False)
+    if [m for m in missing if "lm_head" not in m] or unexpected:  # the tied head is not a separate parameter
+        raise BadInputError(f"checkpoint in {run_dir} does not match the configured shape")
+    model.tie_weights()
     model = model.to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -647,7 +687,7 @@ def run(run_dir: str | Path, *, tiny: bool = False, max_steps: int | None = None
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m seqtool.zoo.train_ref", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", required=True, help="checkpoint/log directory (resumes if it has ckpt.pt)")
+    p.add_argument("--run-dir", required=True, help="checkpoint/log directory (resumes if it has checkpoint.pt)")
     p.add_argument("--tiny", action="store_true", help="seconds-long configuration (CI)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
     p.add_argument("--export", default=None, metavar="DIR", help="export the latest checkpoint to DIR and exit")

@@ -82,7 +82,7 @@ def test_supervision_loss_trains_the_head(tmp_path):
     cfg.attn_supervision, cfg.eval_every, cfg.lr = [1, 2, 1.0], 0, 1e-2
     r = tr.train(cfg, tmp_path / "run", max_steps=4)
     assert r.steps == 4 and r.last_loss["attn"] > 0
-    history = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["history"]
+    history = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]
     assert "loss_attn_mass" in history[-1]
     # The same batch scored before and after a few supervised steps: the head moves onto its targets.
     tok, train_ids, _ = tr.prepare_data(cfg, tmp_path / "run")

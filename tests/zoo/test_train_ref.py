@@ -33,12 +33,13 @@ def test_resume_gives_the_same_weights(tmp_path):
     # Reuse run a's tokenizer and token streams so the second run only differs by the interruption.
     import shutil
 
-    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("ckpt.pt", "*.log"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b",
+                    ignore=shutil.ignore_patterns("checkpoint.pt", "*.log", "run.json", "log.jsonl"))
     train(cfg, tmp_path / "b", max_steps=1)
     r = train(cfg, tmp_path / "b", max_steps=5)
     assert r.steps == 3
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["trainable"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,0 +1,93 @@
+"""Objectives: LM == transformers' loss; KL is 0 against itself, > 0 otherwise, top-k = all tokens is exact;
+module matching is 0 against an identical teacher; aux terms from emit_aux_loss; token normalisation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from seqtool.arch.io import load_model
+from seqtool.train.kinds import kind_modules
+from seqtool.train.objectives import (AuxLoss, KLDistill, LMLoss, ModuleMatch, StepContext, _AUX_SINK,
+                                      emit_aux_loss)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-qwen2", device="cpu", dtype="fp32").model
+
+
+def _ctx(model, ids, teacher=None, labels=None):
+    labels = ids.clone() if labels is None else labels
+    out = model(input_ids=ids)
+    t = teacher(input_ids=ids).logits if teacher is not None else None
+    mask = labels[:, 1:] != -100
+    return StepContext(ids, labels, out.logits, mask, token_scale=1.0 / int(mask.sum()), micro_scale=1.0,
+                       teacher_logits=t)
+
+
+def _ids():
+    return torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_lm_loss_equals_transformers_loss_with_ignored_labels(model):
+    ids = _ids()
+    labels = ids.clone()
+    labels[0, 10:] = -100
+    ours = LMLoss()(_ctx(model, ids, labels=labels))
+    ref = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_is_zero_against_itself_positive_otherwise_and_top_k_all_is_exact(model):
+    ids = _ids()
+    with torch.no_grad():
+        assert float(KLDistill(temperature=2.0)(_ctx(model, ids, teacher=model))) == pytest.approx(0.0, abs=1e-6)
+        other = copy.deepcopy(model)
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ctx = _ctx(model, ids, teacher=other)
+        full = KLDistill()(ctx)
+        assert float(full) > 1e-4
+        vocab = ctx.logits.shape[-1]
+        torch.testing.assert_close(KLDistill(top_k=vocab)(ctx), full, rtol=1e-5, atol=1e-6)
+        assert float(KLDistill(top_k=8)(ctx)) != pytest.approx(float(full))
+        # Direct formula at T=1: mean over targets of sum p_t (log p_t - log q).
+        p = ctx.teacher_logits[:, :-1].log_softmax(-1)
+        q = ctx.logits[:, :-1].log_softmax(-1)
+        torch.testing.assert_close(full, (p.exp() * (p - q)).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_module_match_is_zero_for_identical_teacher_and_grows_with_difference(model):
+    ids = _ids()
+    names = kind_modules(model, "attention")["attention"]
+    teacher = copy.deepcopy(model)
+    match = ModuleMatch(names)
+    match.attach(model, teacher)
+    try:
+        with torch.no_grad():
+            assert float(match(_ctx(model, ids, teacher=teacher))) == pytest.approx(0.0, abs=1e-10)
+            teacher.model.layers[0].self_attn.o_proj.weight.mul_(1.5)
+            assert float(match(_ctx(model, ids, teacher=teacher))) > 1e-6
+    finally:
+        match.detach()
+    assert not model.model.layers[0].self_attn._forward_hooks
+
+
+def test_aux_loss_collects_terms_emitted_during_the_forward(model):
+    layer = model.model.layers[0].mlp
+    handle = layer.register_forward_hook(lambda m, i, o: emit_aux_loss("balance", o.pow(2).mean()))
+    sink: list = []
+    token = _AUX_SINK.set(sink)
+    try:
+        ctx = _ctx(model, _ids())
+    finally:
+        _AUX_SINK.reset(token)
+        handle.remove()
+    emit_aux_loss("ignored", torch.ones(()))  # outside a step: no sink, nothing happens
+    ctx.aux_terms = sink
+    assert [n for n, _ in sink] == ["balance"]
+    value = AuxLoss(names=["balance"], fn=lambda c: torch.tensor(0.5))(ctx)
+    torch.testing.assert_close(value, sink[0][1] + 0.5)
+    assert float(AuxLoss(names=["other"])(ctx)) == 0.0
