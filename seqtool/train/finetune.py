@@ -53,6 +53,7 @@ class FinetuneResult:
     adapter_dir: str | None = None
     run_dir: str | None = None
     resumed_from: int | None = None
+    long_context: dict | None = None  # --context runs: context, rope_scale, attention, group_size, sinks
 
     @property
     def model(self):
@@ -172,30 +173,64 @@ def _save_dtype(loaded) -> torch.dtype | None:
     return checkpoint_dtype(json.loads((Path(loaded.path) / "config.json").read_text()))
 
 
-def finetune(model: Any, *, steps: int, data: str | None = None, output: str | Path | None = None,
-             method: str = "lora", train: str = "attention,mlp", loss: str = "lm", teacher: Any = None,
+def finetune(model: Any, *, steps: int | None = None, data: str | None = None, output: str | Path | None = None,
+             method: str = "lora", train: str | None = None, loss: str = "lm", teacher: Any = None,
              kl_temperature: float = 1.0, kl_top_k: int | None = None, match: str = "attention",
-             seq_len: int = 256, batch: int = 8, grad_accum: int = 1, lr: float | None = None,
+             seq_len: int | None = None, batch: int | None = None, grad_accum: int = 1, lr: float | None = None,
              warmup: int | None = None, weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0,
-             mix_retrieval: float = 0.0, heldout: float = 0.05, eval_every: int = 0, eval_rows: int = 32,
+             mix_retrieval: float | None = None, heldout: float = 0.05, eval_every: int = 0, eval_rows: int = 32,
              run_dir: str | Path | None = None, resume: bool = False, save_every: str | None = None,
              save_adapter: str | Path | None = None, lora_rank: int = 8, lora_alpha: int = 16,
              grad_checkpoint: bool = False, bf16: str = "auto", dist: str = "fsdp", progress: str = "auto",
              plot: bool = False, dtype: str = "fp32", device: str = "auto", force: bool = False,
-             tokenizer: Any = None, max_steps: int | None = None) -> FinetuneResult:
+             tokenizer: Any = None, max_steps: int | None = None, context: str | int | None = None,
+             rope_scale: str | None = None, group_size: str | int | None = None,
+             sinks: int | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (path / preset / LoadedModel / transformers model) and save it merged to ``output``.
 
     ``data``: see :mod:`seqtool.train.data` (None = built-in corpus); ``train``: module kinds; ``loss``:
     weighted objectives ``"lm=1,kl=1,match=0.1"`` (kl/match need ``teacher``, a path/preset/model with the same
     tokenizer); ``batch``: rows per micro-batch over all processes; under ``torchrun`` the processes train
-    together (``dist``: fsdp | ddp) and rank 0 saves. Returns a :class:`FinetuneResult` (``.model``: merged)."""
+    together (``dist``: fsdp | ddp) and rank 0 saves. Returns a :class:`FinetuneResult` (``.model``: merged).
+
+    Long context (:mod:`seqtool.train.long_context`): ``context="8k"`` trains rows of that length and extends the
+    model to it (``rope_scale="linear:4"|"dynamic:4"|"yarn:4"``, default: new context / trained context, linear);
+    ``method="sinklora"|"s2attn"`` trains LoRA (default kinds attention,embed,norm) with that grouped attention
+    (``group_size``, default context/4; ``sinks``, default 4) while training only; the saved model uses full
+    attention. Unset options take the long-context recipe's defaults (:data:`LONG_RECIPE`)."""
     from seqtool.arch.io import prepare_output, resolve_device, save_model
 
+    from seqtool.train.long_context import LONG_METHODS, LONG_RECIPE
+
     started = time.perf_counter()
+    if method not in DEFAULT_LR and method not in LONG_METHODS:
+        raise BadInputError(f"unknown --method '{method}'; use lora, full, {' or '.join(LONG_METHODS)}")
+    long_attention = method if method in LONG_METHODS else None
+    if long_attention is not None and context is None:
+        raise BadInputError(f"--method {method} needs --context (e.g. --context 8k)")
+    for name, value in (("--rope-scale", rope_scale), ("--group-size", group_size), ("--sinks", sinks)):
+        if value is not None and context is None:
+            raise BadInputError(f"{name} needs --context")
+    recipe = LONG_RECIPE if context is not None else {}
+    if steps is None:
+        if not recipe:
+            raise BadInputError("--steps is required (long-context runs with --context have a default)")
+        steps = recipe["steps"]
     if steps < 1:
         raise BadInputError(f"--steps must be at least 1, got {steps}")
-    if method not in DEFAULT_LR:
-        raise BadInputError(f"unknown --method '{method}'; use lora or full")
+    train = train if train is not None else recipe.get("train", "attention,mlp")
+    batch = batch if batch is not None else recipe.get("batch", 8)
+    mix_retrieval = mix_retrieval if mix_retrieval is not None else recipe.get("mix_retrieval", 0.0)
+    lr = lr if lr is not None else recipe.get("lr")
+    if context is not None:
+        from seqtool.utils import parse_length
+
+        if seq_len is not None and seq_len != parse_length(context):
+            raise BadInputError(f"--seq-len {seq_len} differs from --context {context}; --context sets the rows' length")
+        seq_len = parse_length(context)
+    seq_len = seq_len if seq_len is not None else 256
+    requested_method = method
+    method = "lora" if long_attention is not None else method
     kinds = parse_kinds(train)
     parse_loss_weights(loss)
     config = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr or DEFAULT_LR[method], warmup=warmup,
@@ -215,6 +250,13 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
     loaded = _load(model, tokenizer, dtype, dev)
     if loaded.tokenizer is None:
         raise BadInputError("fine-tuning needs a tokenizer; pass tokenizer= with a bare model")
+    long_setup = None
+    if context is not None:
+        from seqtool.train.long_context import prepare_long_context
+
+        long_setup = prepare_long_context(loaded.model.config, attention=long_attention, context=context,
+                                          rope_scale=rope_scale, group_size=group_size, sinks=sinks,
+                                          source_path=loaded.path)
     teacher_model, teacher_name = None, None
     if teacher is not None:
         t = _load(teacher, None, dtype, dev)
@@ -234,13 +276,17 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
         target.parent.mkdir(parents=True, exist_ok=True)
         adapter_tmp = target.parent / f".seqtool-tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     save_dtype = _save_dtype(loaded)
+    attention_handle = long_setup.apply(loaded.model) if long_setup is not None else None
     try:
         run = run_training(loaded.model, loaded.tokenizer, data=packed, config=config, method=method, train=kinds,
                            loss=loss, teacher=teacher_model, kl_temperature=kl_temperature, kl_top_k=kl_top_k,
                            match=match, lora=LoraOptions(rank=lora_rank, alpha=lora_alpha), run_dir=run_dir,
                            resume=resume, identity={"model": str(loaded.source), "teacher": teacher_name,
-                                     "data_config": asdict(data_config)},
+                                     "data_config": asdict(data_config),
+                                     **({"long_context": long_setup.to_dict()} if long_setup else {})},
                            adapter_dir=adapter_tmp, dist=info, max_steps=max_steps)
+        if attention_handle is not None:  # the saved (merged) model uses full attention
+            attention_handle.remove()
         out_path, adapter_out = None, None
         if info.is_main:
             net = run.model
@@ -251,7 +297,7 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
                     "seq_len": seq_len, "lr": config.lr, "seed": seed,
                     "data": {**packed.info, "fingerprint": packed.fingerprint},
                     "final_losses": run.outcome.final, "heldout_loss": round(run.heldout_loss, 5),
-                    "processes": info.world}
+                    "processes": info.world, **(long_setup.recipe_fields() if long_setup else {})}
             if output is not None and run.outcome.steps >= steps:
                 out_path = save_model(net, loaded.tokenizer, output, step=step, force=force, source_dir=loaded.path)
             if adapter_tmp is not None:
@@ -261,17 +307,20 @@ def finetune(model: Any, *, steps: int, data: str | None = None, output: str | P
                 os.replace(adapter_tmp, target)
                 adapter_out = str(target)
     finally:
+        if attention_handle is not None:
+            attention_handle.remove()
         if adapter_tmp is not None and adapter_tmp.exists():
             shutil.rmtree(adapter_tmp, ignore_errors=True)
     result = FinetuneResult(
-        source=str(loaded.source), output=str(out_path) if out_path else None, method=method, train=kinds,
+        source=str(loaded.source), output=str(out_path) if out_path else None, method=requested_method, train=kinds,
         objectives=run.objectives, steps=run.outcome.steps, tokens=run.outcome.tokens,
         seconds=round(time.perf_counter() - started, 3), tokens_per_s=run.outcome.tokens_per_s,
         trainable_params=run.trainable_params, total_params=run.total_params,
         data={**packed.info, "fingerprint": packed.fingerprint}, loss_first=run.outcome.first,
         loss_final=run.outcome.final, heldout_ppl_before=round(math.exp(run.heldout_loss_before), 4),
         heldout_ppl=round(math.exp(run.heldout_loss), 4), teacher=teacher_name, adapter_dir=adapter_out,
-        run_dir=str(run_dir) if run_dir is not None else None, resumed_from=run.outcome.resumed_from)
+        run_dir=str(run_dir) if run_dir is not None else None, resumed_from=run.outcome.resumed_from,
+        long_context=long_setup.recipe_fields() if long_setup else None)
     object.__setattr__(result, "_model", run.model)
     object.__setattr__(result, "_history", run.outcome.history)
     return result

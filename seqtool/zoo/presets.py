@@ -17,6 +17,8 @@ from seqtool.zoo.byte_tokenizer import BYTE_VOCAB_SIZE, byte_level_tokenizer
 # (``is_preset``) before anything heavy is imported.
 
 REF_DIR = Path(__file__).parent / "ref"
+# The context ``ref`` was trained to (its curriculum and evals run at 2048 tokens; config max_position_embeddings is 8192).
+REF_TRAINED_CONTEXT = 2048
 
 _TINY_COMMON: dict[str, Any] = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
