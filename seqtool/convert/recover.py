@@ -3,9 +3,12 @@
 - ``lora``: peft LoRA (r 8) on every attention and MLP projection, causal-LM loss on built-in text; merged.
 - ``full``: every weight of the modules the conversion rewrote (gqa: attention; prune: attention + MLP),
   causal-LM loss.
-- ``distill``: the same modules, KL to the model as it was before the conversion (the teacher), on built-in text
-  mixed with 30 % synthetic retrieval rows so the student copies the teacher's retrieval too; bf16 autocast
-  (also on CPU, where it is ~1.5x faster for this loop).
+- ``distill``: the same modules, KL to the model as it was before the conversion (the teacher) plus a
+  cross-entropy term on the answer tokens of retrieval rows (mean over answer tokens, so the few tokens that show
+  whether the model copies are not drowned by text), on built-in text mixed with 30 % synthetic retrieval rows;
+  a length schedule: the first 3/4 of the steps at 512 tokens × 8 rows, the last 1/4 (``long_frac``) at 2048 tokens
+  × 2 rows (``long_seq_len``, ``long_batch``: the same tokens per step) so the model ends at the evaluation
+  length; bf16 autocast (also on CPU, where it is ~1.5x faster for this loop).
 
 Defaults per mode are in :data:`RECOVERY_DEFAULTS` (``steps`` and every other setting can be overridden).
 """
@@ -24,8 +27,8 @@ RECOVERY_MODES = ("lora", "full", "distill")
 RECOVERY_DEFAULTS: dict[str, dict] = {
     "lora": {"steps": 100, "seq_len": 256, "batch": 4, "lr": 1e-3, "loss": "lm", "mix_retrieval": 0.0},
     "full": {"steps": 100, "seq_len": 256, "batch": 4, "lr": 3e-4, "loss": "lm", "mix_retrieval": 0.0},
-    "distill": {"steps": 400, "seq_len": 512, "batch": 8, "lr": 1e-3, "loss": "kl", "mix_retrieval": 0.3,
-                "bf16": "on"},
+    "distill": {"steps": 400, "seq_len": 512, "batch": 8, "lr": 1e-3, "loss": "kl=1,answer=1", "mix_retrieval": 0.3,
+                "bf16": "on", "long_frac": 0.25, "long_seq_len": 2048, "long_batch": 2},
 }
 # With a run directory, a checkpoint every 5 minutes (a killed recovery resumes with --resume).
 SAVE_EVERY = "5m"
@@ -37,7 +40,7 @@ def recover(model: nn.Module, tokenizer, mode: str, *, kinds: tuple[str, ...], t
             **overrides) -> RecoveryResult:
     """Train ``model`` in place with recovery ``mode`` and merge; ``kinds`` are the module kinds the conversion
     changed (``full``/``distill`` train them), ``teacher`` the pre-conversion model (``distill``)."""
-    from seqtool.train.data import DataConfig, build_data
+    from seqtool.train.data import DataConfig, LengthSchedule, build_data
     from seqtool.train.finetune import run_training
     from seqtool.train.kinds import DEFAULT_KINDS
     from seqtool.train.loop import TrainConfig
@@ -50,17 +53,26 @@ def recover(model: nn.Module, tokenizer, mode: str, *, kinds: tuple[str, ...], t
     opts = {**RECOVERY_DEFAULTS[mode], **{k: v for k, v in overrides.items() if v is not None}}
     steps = steps if steps is not None else opts["steps"]
     unknown = sorted(set(opts) - {"steps", "seq_len", "batch", "lr", "loss", "mix_retrieval", "rank", "alpha",
-                                  "grad_accum", "warmup", "data", "eval_every", "save_every", "bf16"})
+                                  "grad_accum", "warmup", "data", "eval_every", "save_every", "bf16",
+                                  "long_frac", "long_seq_len", "long_batch"})
     if unknown:
         raise BadInputError(f"unknown recovery option(s) {', '.join(unknown)}")
     started = time.perf_counter()
     train = list(DEFAULT_KINDS) if mode == "lora" else list(kinds)
-    data_cfg = DataConfig(source=opts.get("data"), seq_len=opts["seq_len"], seed=seed + 1,
-                          mix_retrieval=opts["mix_retrieval"],
-                          max_train_tokens=max(steps * opts["batch"] * opts.get("grad_accum", 1) * opts["seq_len"],
-                                               64 * opts["seq_len"]))
+    if not 0.0 <= opts.get("long_frac", 0.0) < 1.0:
+        raise BadInputError(f"long_frac must be in [0, 1), got {opts['long_frac']}")
+    long_steps = round(steps * opts.get("long_frac", 0.0))
+    phases = [(steps - long_steps, opts["seq_len"], opts["batch"])]
+    if long_steps > 0:
+        phases.append((long_steps, opts.get("long_seq_len", opts["seq_len"]), opts.get("long_batch", opts["batch"])))
     cache = Path(run_dir) / "data" if run_dir is not None else None
-    data = build_data(tokenizer, data_cfg, cache)
+    parts = []
+    for n, seq_len, batch in phases:
+        cfg = DataConfig(source=opts.get("data"), seq_len=seq_len, seed=seed + 1, mix_retrieval=opts["mix_retrieval"],
+                         max_train_tokens=max(n * batch * opts.get("grad_accum", 1) * seq_len, 64 * seq_len))
+        parts.append(build_data(tokenizer, cfg, cache))
+    data = parts[0] if len(parts) == 1 else LengthSchedule(parts, [b for _, _, b in phases],
+                                                          [sum(p[0] for p in phases[:i + 1]) for i in range(len(phases))])
     config = TrainConfig(steps=steps, batch=opts["batch"], grad_accum=opts.get("grad_accum", 1), lr=opts["lr"],
                          warmup=opts.get("warmup"), seed=seed, eval_every=opts.get("eval_every", 0),
                          save_every=opts.get("save_every", SAVE_EVERY), bf16=opts.get("bf16", "auto"), progress=progress)

@@ -31,6 +31,7 @@ BUILTIN = "builtin"
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 _RETRIEVAL_TASKS = (("passkey", 0.4), ("niah", 0.2), ("multikey", 0.25), ("vt", 0.15))
 _MAX_HELDOUT_ROWS = 256
+_CACHE_VERSION = 2  # 2: retrieval rows carry their answer mask
 
 
 @dataclass
@@ -49,13 +50,16 @@ class DataConfig:
 @dataclass
 class PackedData:
     """Packed rows. ``train`` (N, L) / ``heldout`` (M, L) token ids; ``train_labels`` (N, L) with ``-100`` where no
-    loss is taken (None: labels are the ids); ``fingerprint`` identifies the rows (recorded in the recipe)."""
+    loss is taken (None: labels are the ids); ``fingerprint`` identifies the rows (recorded in the recipe);
+    ``train_answers`` (N, L) bool: the answer tokens of the retrieval rows (None: no retrieval rows), handed to
+    objectives as ``answer_mask`` (:class:`~seqtool.train.objectives.AnswerLoss`)."""
 
     train: torch.Tensor
     heldout: torch.Tensor
     train_labels: torch.Tensor | None
     fingerprint: str
     info: dict = field(default_factory=dict)
+    train_answers: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -82,7 +86,10 @@ class PackedData:
         out = []
         for m in range(grad_accum):
             rows = self.step_rows(step, m, batch, grad_accum, seed)
-            out.append({"input_ids": self.train[rows], "labels": self.labels(rows)})
+            mb = {"input_ids": self.train[rows], "labels": self.labels(rows)}
+            if self.train_answers is not None:
+                mb["answer_mask"] = self.train_answers[rows]
+            out.append(mb)
         return out
 
     def _perm(self, epoch: int, seed: int) -> torch.Tensor:
@@ -221,14 +228,16 @@ def _tokenize(tokenizer, docs: list[str]) -> list[list[int]]:
     return out
 
 
-def _retrieval_rows(tokenizer, filler: np.ndarray, n: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` retrieval prompts + answers (train key space), padded: (ids, labels) each (n, seq_len)."""
+def _retrieval_rows(tokenizer, filler: np.ndarray, n: int, seq_len: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` retrieval prompts + answers (train key space), padded: (ids, labels, answer mask) each (n, seq_len)."""
     from seqtool.eval.tasks import make_sample
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eos = tokenizer.eos_token_id
     ids = torch.full((n, seq_len), pad, dtype=torch.long)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    answers = torch.zeros((n, seq_len), dtype=torch.bool)
     names, probs = zip(*_RETRIEVAL_TASKS)
     for i in range(n):
         rng = np.random.default_rng([seed, 7919, i])
@@ -250,7 +259,8 @@ def _retrieval_rows(tokenizer, filler: np.ndarray, n: int, seq_len: int, seed: i
         seq = (sample.input_ids + sample.answer_ids + ([eos] if eos is not None else []))[:seq_len]
         ids[i, :len(seq)] = torch.tensor(seq)
         labels[i, :len(seq)] = torch.tensor(seq)
-    return ids, labels
+        answers[i, len(sample.input_ids):min(seq_len, len(sample.input_ids) + len(sample.answer_ids))] = True
+    return ids, labels, answers
 
 
 def build_data(tokenizer, config: DataConfig, cache_dir: str | Path | None = None) -> PackedData:
@@ -262,13 +272,13 @@ def build_data(tokenizer, config: DataConfig, cache_dir: str | Path | None = Non
     if not 0.0 < config.heldout < 0.5:
         raise BadInputError(f"held-out share must be in (0, 0.5), got {config.heldout}")
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    key = hashlib.sha1(json.dumps([asdict(config), _source_identity(config.source),
+    key = hashlib.sha1(json.dumps([_CACHE_VERSION, asdict(config), _source_identity(config.source),
                                    tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
     cached = cache_dir / f"rows-{key}.pt" if cache_dir is not None else None
     if cached is not None and cached.exists():
         state = torch.load(cached, weights_only=True)
         return PackedData(state["train"], state["heldout"], state.get("train_labels"), state["fingerprint"],
-                          json.loads(state["info"]))
+                          json.loads(state["info"]), state.get("train_answers"))
     data = _build(tokenizer, config, cache_dir)
     if cached is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -277,6 +287,8 @@ def build_data(tokenizer, config: DataConfig, cache_dir: str | Path | None = Non
                  "info": json.dumps(data.info)}
         if data.train_labels is not None:
             state["train_labels"] = data.train_labels
+        if data.train_answers is not None:
+            state["train_answers"] = data.train_answers
         try:
             torch.save(state, tmp)
             os.replace(tmp, cached)
@@ -310,12 +322,13 @@ def _build(tokenizer, config: DataConfig, cache_dir: Path | None) -> PackedData:
         train = train[:max(1, config.max_train_tokens // L)]
     if train.shape[0] < 1 or heldout.shape[0] < 1:
         raise BadInputError(f"data '{config.source or BUILTIN}' is shorter than one row of --seq-len {L}")
-    labels = None
+    labels, answers = None, None
     n_ret = 0
     if config.mix_retrieval > 0:
         n_ret = max(1, round(train.shape[0] * config.mix_retrieval / (1 - config.mix_retrieval)))
-        r_ids, r_labels = _retrieval_rows(tokenizer, train.flatten().numpy(), n_ret, L, config.seed)
+        r_ids, r_labels, r_answers = _retrieval_rows(tokenizer, train.flatten().numpy(), n_ret, L, config.seed)
         labels = torch.cat([train, r_labels])
+        answers = torch.cat([torch.zeros_like(train, dtype=torch.bool), r_answers])
         train = torch.cat([train, r_ids])
     h = hashlib.sha1(train.numpy().tobytes())
     h.update(heldout.numpy().tobytes())
@@ -324,4 +337,35 @@ def _build(tokenizer, config: DataConfig, cache_dir: Path | None) -> PackedData:
     info = {"source": config.source or BUILTIN, "documents": len(docs), "tokens": n_tokens,
             "train_rows": int(train.shape[0]), "heldout_rows": int(heldout.shape[0]), "retrieval_rows": n_ret,
             "seq_len": L}
-    return PackedData(train, heldout, labels, h.hexdigest()[:16], info)
+    return PackedData(train, heldout, labels, h.hexdigest()[:16], info, answers)
+
+
+class LengthSchedule:
+    """A batch source of phases: steps ``[0, ends[0])`` take rows of ``phases[0]`` (``batches[0]`` rows per
+    micro-batch), steps ``[ends[0], ends[1])`` of ``phases[1]`` and so on (e.g. most steps at 512 tokens, then a
+    phase at the evaluation length). Within a phase the rows of step ``s`` are the phase's
+    ``micro_batches(s - start)``, so they depend only on (seed, s). ``heldout``: the first phase's."""
+
+    def __init__(self, phases: list[PackedData], batches: list[int], ends: list[int]):
+        if not (len(phases) == len(batches) == len(ends)) or not phases:
+            raise BadInputError("a length schedule needs one batch size and one end step per phase")
+        if any(b < 1 for b in batches) or any(e <= s for s, e in zip([0] + ends[:-1], ends)):
+            raise BadInputError(f"bad length schedule: batches {batches}, phase ends {ends}")
+        self.phases, self.batches, self.ends = phases, batches, ends
+        self.heldout = phases[0].heldout
+        h = hashlib.sha1(json.dumps([[p.fingerprint for p in phases], batches, ends]).encode())
+        self.fingerprint = h.hexdigest()[:16]
+        self.info = {**phases[0].info, "schedule": [{"until_step": e, "seq_len": p.seq_len, "batch": b}
+                                                    for p, b, e in zip(phases, batches, ends)]}
+
+    @property
+    def seq_len(self) -> int:
+        return self.phases[0].seq_len
+
+    def micro_batches(self, step: int, grad_accum: int, batch: int, seed: int) -> list[dict]:
+        start = 0
+        for data, b, end in zip(self.phases, self.batches, self.ends):
+            if step < end or end == self.ends[-1]:
+                return data.micro_batches(step - start, grad_accum, b, seed)
+            start = end
+        raise AssertionError("unreachable")

@@ -24,7 +24,7 @@ from seqtool.train import dist as dist_mod
 from seqtool.train.data import DataConfig, PackedData, build_data, tokenizer_fingerprint
 from seqtool.train.kinds import DEFAULT_KINDS, kind_modules, parse_kinds
 from seqtool.train.loop import Trainer, TrainConfig, TrainOutcome
-from seqtool.train.objectives import KLDistill, LMLoss, ModuleMatch, Objective, parse_loss_weights
+from seqtool.train.objectives import AnswerLoss, KLDistill, LMLoss, ModuleMatch, Objective, parse_loss_weights
 from seqtool.train.routers import ROUTER_LOSSES, RouterLoss  # also registers the router / experts kinds
 from seqtool.train.trainable import DEFAULT_LR, LoraOptions, count_parameters, merge, prepare, save_adapter
 
@@ -76,6 +76,8 @@ def build_objectives(loss: str | dict[str, float], *, student: nn.Module, kl_tem
             out.append(LMLoss(w))
         elif name == "kl":
             out.append(KLDistill(w, temperature=kl_temperature, top_k=kl_top_k))
+        elif name == "answer":
+            out.append(AnswerLoss(w))
         elif name == "match":
             modules = [m for names in kind_modules(student, match).values() for m in names]
             out.append(ModuleMatch(modules, w))
@@ -109,7 +111,7 @@ class TrainingRun:
     adapter_dir: str | None
 
 
-def run_training(model: nn.Module, tokenizer, *, data: PackedData, config: TrainConfig, method: str = "lora",
+def run_training(model: nn.Module, tokenizer, *, data: PackedData | Any, config: TrainConfig, method: str = "lora",
                  train: str | list[str] = DEFAULT_KINDS, loss: str | dict = "lm", teacher: nn.Module | None = None,
                  kl_temperature: float = 1.0, kl_top_k: int | None = None, match: str = "attention",
                  lora: LoraOptions | None = None, run_dir: str | Path | None = None, resume: bool = False,

@@ -10,6 +10,9 @@ optimizer step: one process with batch B and N processes with B/N rows each comp
 - :class:`ModuleMatch` — MSE between a student module's output and the teacher's module of the same name on the
   same input (attention transfer), captured with forward hooks; mean over the hidden size, summed over target
   positions.
+- :class:`AnswerLoss` — cross-entropy on the answer tokens of retrieval rows only (the batch's ``answer_mask``),
+  the mean over those tokens per micro-batch: a few answer tokens would otherwise drown among thousands of text
+  tokens (what taught ``ref`` to copy). Zero for batches without answers.
 - :class:`AuxLoss` — auxiliary terms: ``fn(ctx) -> scalar`` and/or terms that modules report during the
   student's forward with :func:`emit_aux_loss` (router load balancing). Scalars are averaged per micro-batch.
 
@@ -132,6 +135,23 @@ class KLDistill(Objective):
         return kl.sum() * (self.temperature ** 2) * ctx.token_scale
 
 
+class AnswerLoss(Objective):
+    """Mean cross-entropy over the answer tokens (``ctx.batch["answer_mask"]`` (B, L) bool: the token at t is an
+    answer token, predicted at t-1) of the micro-batch, × ``ctx.micro_scale``. No answer tokens: 0."""
+
+    name = "answer"
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        mask = ctx.batch.get("answer_mask")
+        if mask is None or not bool(mask[:, 1:].any()):
+            return (ctx.logits.sum() * 0.0).float()                    # keeps the graph when it is the only term
+        mask = mask[:, 1:].to(ctx.logits.device)                       # (B, L-1): position t predicts an answer
+        n = int(mask.sum())
+        pred = ctx.logits[:, :-1][mask].float()                        # (n, V)
+        target = ctx.input_ids[:, 1:][mask]                            # (n,)
+        return F.cross_entropy(pred, target, reduction="sum") / n * ctx.micro_scale
+
+
 def _first_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -223,7 +243,7 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
             out[name.strip()] = float(w) if w else 1.0
         except ValueError:
             raise BadInputError(f"bad loss weight '{part}'; write e.g. lm=1,kl=0.5") from None
-    known = {"lm", "kl", "match", "balance", "zloss"}  # balance / zloss: router losses (seqtool.train.routers)
+    known = {"lm", "kl", "match", "answer", "balance", "zloss"}  # balance / zloss: router losses (seqtool.train.routers)
     bad = sorted(set(out) - known)
     if bad or not out:
         raise BadInputError(f"unknown objective {', '.join(bad) or '(none)'}; choose from {', '.join(sorted(known))}")

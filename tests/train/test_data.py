@@ -8,7 +8,7 @@ import torch
 
 from seqtool.arch.io import load_model
 from seqtool.errors import BadInputError
-from seqtool.train.data import DataConfig, build_data, pack
+from seqtool.train.data import DataConfig, LengthSchedule, build_data, pack
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,31 @@ def test_mix_retrieval_adds_answered_prompts_with_padding_masked(tok):
     assert (ret_labels == -100).any() and torch.equal(data.train_labels[:-n_ret], data.train[:-n_ret])
     text = tok.decode(data.train[-1][ret_labels[-1] != -100])
     assert "?" in text  # a question followed by its answer
+    # The answer mask marks exactly the answer tokens of the retrieval rows (then eos): none in text rows.
+    assert data.train_answers is not None and not data.train_answers[:-n_ret].any()
+    for row in range(n_ret):
+        ids, ans = data.train[-n_ret + row], data.train_answers[-n_ret + row]
+        pos = ans.nonzero()[:, 0]
+        assert len(pos) > 0 and torch.equal(pos, torch.arange(int(pos[0]), int(pos[-1]) + 1))
+        assert int(ids[int(pos[-1]) + 1]) == tok.eos_token_id  # the answer is the end of the prompt
+    mb = data.micro_batches(0, 1, 4, seed=0)[0]
+    assert torch.equal(mb["answer_mask"], data.train_answers[data.step_rows(0, 0, 4, 1, 0)])
+
+
+def test_length_schedule_takes_each_phase_rows_from_its_own_start(tok):
+    short = build_data(tok, DataConfig(seq_len=32, max_train_tokens=32 * 40))
+    long = build_data(tok, DataConfig(seq_len=128, max_train_tokens=128 * 10))
+    sched = LengthSchedule([short, long], [4, 1], [3, 5])
+    for step in range(3):
+        assert torch.equal(sched.micro_batches(step, 2, 99, seed=1)[1]["input_ids"],
+                           short.micro_batches(step, 2, 4, seed=1)[1]["input_ids"])
+    for step in (3, 4):
+        got = sched.micro_batches(step, 1, 99, seed=1)[0]["input_ids"]
+        assert got.shape == (1, 128) and torch.equal(got, long.micro_batches(step - 3, 1, 1, seed=1)[0]["input_ids"])
+    assert torch.equal(sched.heldout, short.heldout) and sched.fingerprint != short.fingerprint
+    assert [p["seq_len"] for p in sched.info["schedule"]] == [32, 128]
+    with pytest.raises(BadInputError):
+        LengthSchedule([short, long], [4, 1], [3, 3])
 
 
 @pytest.mark.parametrize("make, message", [

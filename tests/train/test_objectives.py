@@ -9,7 +9,7 @@ import torch
 
 from seqtool.arch.io import load_model
 from seqtool.train.kinds import kind_modules
-from seqtool.train.objectives import (AuxLoss, KLDistill, LMLoss, ModuleMatch, StepContext, _AUX_SINK,
+from seqtool.train.objectives import (AnswerLoss, AuxLoss, KLDistill, LMLoss, ModuleMatch, StepContext, _AUX_SINK,
                                       emit_aux_loss)
 
 
@@ -91,3 +91,19 @@ def test_aux_loss_collects_terms_emitted_during_the_forward(model):
     value = AuxLoss(names=["balance"], fn=lambda c: torch.tensor(0.5))(ctx)
     torch.testing.assert_close(value, sink[0][1] + 0.5)
     assert float(AuxLoss(names=["other"])(ctx)) == 0.0
+
+
+def test_answer_loss_is_the_mean_ce_over_answer_tokens_only(model):
+    ids = _ids()
+    ctx = _ctx(model, ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 5:8] = True
+    mask[1, 12] = True
+    ctx.batch = {"answer_mask": mask}
+    logp = torch.log_softmax(ctx.logits.float(), -1)
+    want = -torch.stack([logp[0, 4, ids[0, 5]], logp[0, 5, ids[0, 6]], logp[0, 6, ids[0, 7]],
+                         logp[1, 11, ids[1, 12]]]).mean()
+    torch.testing.assert_close(AnswerLoss()(ctx), want, rtol=1e-5, atol=1e-6)
+    ctx.batch = {"answer_mask": torch.zeros_like(mask)}  # no answers: 0, still differentiable
+    zero = AnswerLoss()(ctx)
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
