@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from seqtool.cli.common import (DeviceOpt, ForceOpt, JsonOpt, ModelArg, OutputOpt, emit, handle_errors, is_quiet,
-                                log, table)
+from seqtool.cli.common import (DeviceOpt, ForceOpt, JsonOpt, ModelArg, OutputOpt, check_model, check_output, emit,
+                                handle_errors, is_quiet, log, table)
 
 
 def render(result) -> str:
@@ -90,6 +90,11 @@ def register(app: typer.Typer) -> None:
           seqtool finetune ref --method sinklora --context 8k --rope-scale linear:4 --run-dir run -o ref-8k
           seqtool finetune ./llama --method s2attn --context 16k --group-size 4k --steps 500 -o out
         """
+        check_model(model)  # model, teacher, then output: checked before anything is loaded
+        if teacher is not None:
+            check_model(teacher)
+        if output is not None:
+            output = check_output(model, output, in_place=False, force=force)
         import os
 
         import torch
