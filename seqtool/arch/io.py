@@ -195,6 +195,22 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
     return loaded
 
 
+
+def as_loaded(model: Any, tokenizer: Any = None, *, dtype: str = "auto", device: str = "auto",
+              verb: str = "use") -> "LoadedModel":
+    """A LoadedModel from a source string (loaded without re-applying its recipe), a LoadedModel, or a bare
+    transformers model (+ optional tokenizer); anything else is a one-line error naming ``verb``."""
+    import torch.nn as nn
+
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), dtype=dtype, device=device, apply_recipe=False)
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        get_family(model)
+        return LoadedModel(model, tokenizer, getattr(model.config, "_name_or_path", "") or "<in-memory model>")
+    raise BadInputError(f"cannot {verb} a {type(model).__name__}; pass a path, preset name or a transformers model")
+
 def _load_tokenizer(path: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

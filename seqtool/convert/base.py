@@ -151,20 +151,6 @@ def shape_summary(model: nn.Module) -> ShapeSummary:
                         sum(p.numel() for p in model.parameters()), kv_cache_bytes_per_token(model.config, element))
 
 
-def _as_loaded(model: Any, tokenizer: Any, dtype: str, device: str):
-    """A LoadedModel from a source string, a LoadedModel, or a bare PreTrainedModel (+ optional tokenizer)."""
-    from seqtool.arch.io import LoadedModel, load_model
-
-    if isinstance(model, (str, Path)):
-        return load_model(str(model), dtype=dtype, device=device, apply_recipe=False)
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, nn.Module):
-        get_family(model)
-        return LoadedModel(model, tokenizer, getattr(model.config, "_name_or_path", "") or "<in-memory model>")
-    raise BadInputError(f"cannot convert a {type(model).__name__}; pass a path, preset name or a transformers model")
-
-
 def load_conversions() -> None:
     """Import the built-in conversions so they register themselves."""
     from seqtool.convert import bam, gqa, hybrid, moe, prune  # noqa: F401
@@ -236,7 +222,9 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
             source_dir = resolved if isinstance(resolved, Path) else None
         prepare_output(output, force=force, in_place=in_place, source_dir=source_dir,
                        source=str(model) if isinstance(model, (str, Path)) else None)  # fail before any work
-    loaded = _as_loaded(model, tokenizer, dtype, device)
+    from seqtool.arch.io import as_loaded
+
+    loaded = as_loaded(model, tokenizer, dtype=dtype, device=device, verb="convert")
     net = loaded.model
     spec = get_family(net)
     conversion.check(net)

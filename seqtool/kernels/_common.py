@@ -37,17 +37,24 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     return backend
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, *, same_dv: bool = True):
-    """Validate (B, Hq, Tq, D) / (B, Hkv, Tk, D) attention inputs; returns (B, Hq, Hkv, Tq, Tk, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_float_4d(op: str, **tensors: torch.Tensor) -> None:
+    """Each tensor is a 4-D (B, H, T, D) float16/bfloat16/float32 tensor; all share one dtype and one device."""
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ShapeError(f"{op}: {name} must be a 4-D (B, H, T, D) tensor")
         if t.dtype not in FLOAT_DTYPES:
             raise ShapeError(f"{op}: {name} dtype {t.dtype} unsupported; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ShapeError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
-    if not (q.device == k.device == v.device):
-        raise ShapeError(f"{op}: q, k, v are on different devices; move them to one device")
+    names = ", ".join(tensors)
+    if len({t.dtype for t in tensors.values()}) > 1:
+        dtypes = ", ".join(str(t.dtype) for t in tensors.values())
+        raise ShapeError(f"{op}: {names} dtypes differ ({dtypes}); cast them to one dtype")
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ShapeError(f"{op}: {names} are on different devices; move them to one device")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, *, same_dv: bool = True):
+    """Validate (B, Hq, Tq, D) / (B, Hkv, Tk, D) attention inputs; returns (B, Hq, Hkv, Tq, Tk, D)."""
+    check_float_4d(op, q=q, k=k, v=v)
     B, Hq, Tq, D = q.shape
     Bk, Hkv, Tk, Dk = k.shape
     if Bk != B or v.shape[0] != B:

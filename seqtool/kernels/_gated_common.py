@@ -9,18 +9,12 @@ import torch
 
 from seqtool.errors import ShapeError
 
-from ._common import FLOAT_DTYPES
+from ._common import check_float_4d
 
 
 def check_gated(q, k, v, op: str, *, log_decay=None, beta=None, state=None, per_dim_ok: bool = True):
     """Validate the inputs of a gated recurrent op; returns (B, H, T, Dk, Dv, per_dim)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ShapeError(f"{op}: {name} must be a 4-D (B, H, T, D) tensor")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ShapeError(f"{op}: {name} dtype {t.dtype} unsupported; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ShapeError(f"{op}: q, k, v must share one dtype and device")
+    check_float_4d(op, q=q, k=k, v=v)
     B, H, T, Dk = q.shape
     if tuple(k.shape) != (B, H, T, Dk):
         raise ShapeError(f"{op}: k {tuple(k.shape)} must equal q's shape {tuple(q.shape)}")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from seqtool.arch.registry import decoder_layers, get_family
+from seqtool.arch.registry import decoder_layers
 from seqtool.errors import BadInputError
 from seqtool.train import dist as dist_mod
 from seqtool.train.data import DataConfig, PackedData, build_data, tokenizer_fingerprint
@@ -154,19 +154,6 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData | Any, config:
                        after, adapter_out)
 
 
-def _load(model: Any, tokenizer: Any, dtype: str, device: torch.device):
-    from seqtool.arch.io import LoadedModel, load_model
-
-    if isinstance(model, (str, Path)):
-        return load_model(str(model), dtype=dtype, device=str(device), apply_recipe=False)
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, nn.Module):
-        get_family(model)
-        return LoadedModel(model, tokenizer, getattr(model.config, "_name_or_path", "") or "<in-memory model>")
-    raise BadInputError(f"cannot fine-tune a {type(model).__name__}; pass a path, preset name or transformers model")
-
-
 def _save_dtype(loaded) -> torch.dtype | None:
     if loaded.path is None:
         return None
@@ -249,7 +236,9 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
         prepare_output(save_adapter, force=force)
     info = dist_mod.init(dist, resolve_device(device))
     dev = dist_mod.device_for(info, resolve_device(device))
-    loaded = _load(model, tokenizer, dtype, dev)
+    from seqtool.arch.io import as_loaded
+
+    loaded = as_loaded(model, tokenizer, dtype=dtype, device=str(dev), verb="fine-tune")
     if loaded.tokenizer is None:
         raise BadInputError("fine-tuning needs a tokenizer; pass tokenizer= with a bare model")
     long_setup = None
@@ -261,7 +250,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
                                           source_path=loaded.path)
     teacher_model, teacher_name = None, None
     if teacher is not None:
-        t = _load(teacher, None, dtype, dev)
+        t = as_loaded(teacher, None, dtype=dtype, device=str(dev), verb="fine-tune")
         check_teacher_tokenizer(loaded.tokenizer, t.tokenizer)
         teacher_model, teacher_name = t.model, str(t.source)
     data_config = DataConfig(source=data, seq_len=seq_len, heldout=heldout, seed=seed, mix_retrieval=mix_retrieval,

@@ -5,19 +5,13 @@ import torch
 
 from seqtool.errors import ShapeError
 
-from .._common import FLOAT_DTYPES, resolve_backend
+from .._common import check_float_4d, resolve_backend
 
 __all__ = ["linear_attn", "linear_attn_step"]
 
 
 def _check(q, k, v, decay, state, op):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ShapeError(f"{op}: {name} must be a 4-D (B, H, T, D) tensor")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ShapeError(f"{op}: {name} dtype {t.dtype} unsupported; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ShapeError(f"{op}: q, k, v must share one dtype and device")
+    check_float_4d(op, q=q, k=k, v=v)
     B, Hq, T, Dk = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != Dk:
         raise ShapeError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head dim")
