@@ -28,6 +28,11 @@ AttnExpertsOpt = Annotated[str, typer.Option("--attention-experts", help="bam: f
 ParallelOpt = Annotated[bool, typer.Option("--parallel", help="bam: parallel attention + FFN block.")]
 
 
+# The registered conversions' names (seqtool.convert.available(); a test keeps them equal), so that a mistyped
+# --to is answered without importing torch.
+CONVERSION_NAMES = ("bam", "gqa", "hybrid", "moe", "prune")
+
+
 def resolve_output(model: str, output: str | None, in_place: bool, force: bool = False) -> str:
     """The directory to write (``-o``, or the input itself with ``--in-place``), checked before any work."""
     if output is None and not in_place:
@@ -120,6 +125,8 @@ def register(app: typer.Typer) -> None:
           seqtool convert ./llama --to hybrid --attention-layers 0,3 -o ./llama-hybrid
         """
         check_model(model)  # validation follows the command line: model, --to, options, output
+        if to not in CONVERSION_NAMES:
+            raise BadInputError(f"unknown conversion '{to}'; available: {', '.join(CONVERSION_NAMES)}")
         from seqtool.convert import convert
         from seqtool.convert.base import make_conversion
 

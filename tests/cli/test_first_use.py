@@ -85,3 +85,18 @@ def test_eval_render_says_what_took_the_time():
     result = EvalResult(model="ref", tasks=["ppl"], seq_lens=[2048], depths=[0.5], samples=4, seed=0, attn=None)
     result.seconds = 12.5
     assert "eval of ref" in render(result) and "12.5 s" in render(result)
+
+
+def test_unknown_conversion_is_rejected_without_torch(tmp_path):
+    """A mistyped --to is an argument error: answered before torch is imported (and the CLI's list of conversion
+    names is the registry's)."""
+    from seqtool.cli.convert_cmd import CONVERSION_NAMES
+    from seqtool.convert import available
+
+    assert sorted(CONVERSION_NAMES) == available()
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom seqtool.cli.app import app\n"
+            "r = CliRunner().invoke(app, ['convert', 'tiny-llama', '--to', 'hybridd'])\n"
+            "print(r.exit_code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "2 []", (out.stdout, out.stderr)
