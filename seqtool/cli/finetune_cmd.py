@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str | None, typer.Option("--data", help="Text file, directory of text files, JSONL with 'text', a save_to_disk directory or a dataset in the local HF cache (default: built-in corpus).", show_default=False)] = None,
         method: Annotated[str, typer.Option("--method", help="lora | full | sinklora | s2attn (LoRA with SinkLoRA / LongLoRA grouped attention while training; needs --context).")] = "lora",
         train: Annotated[str | None, typer.Option("--train", help="Module kinds to train: attention,mlp,embed,norm; router,experts on MoE/BAM checkpoints (default attention,mlp; sinklora/s2attn: attention,embed,norm).", show_default=False)] = None,
-        loss: Annotated[str, typer.Option("--loss", help="Weighted objectives: lm, kl (to --teacher), match (module outputs vs --teacher), balance / zloss (MoE/BAM router losses), e.g. lm=1,kl=1.")] = "lm",
+        loss: Annotated[str, typer.Option("--loss", help="Weighted objectives: lm, kl (to --teacher), match (module outputs vs --teacher), answer / answer_kl (CE / KL on the answer tokens of --mix-retrieval rows), balance / zloss (MoE/BAM router losses), e.g. lm=1,kl=1,answer=1.")] = "lm",
         teacher: Annotated[str | None, typer.Option("--teacher", help="Frozen teacher (same tokenizer) for kl / match.", show_default=False)] = None,
         kl_temperature: Annotated[float, typer.Option("--kl-temperature", help="KL temperature.")] = 1.0,
         kl_top_k: Annotated[int | None, typer.Option("--kl-top-k", help="KL over the teacher's top-k tokens only.", show_default=False)] = None,

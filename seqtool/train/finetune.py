@@ -76,8 +76,8 @@ def build_objectives(loss: str | dict[str, float], *, student: nn.Module, kl_tem
             out.append(LMLoss(w))
         elif name == "kl":
             out.append(KLDistill(w, temperature=kl_temperature, top_k=kl_top_k))
-        elif name == "answer":
-            out.append(AnswerLoss(w))
+        elif name in ("answer", "answer_kl"):
+            out.append(AnswerLoss(w, teacher=name == "answer_kl"))
         elif name == "match":
             modules = [m for names in kind_modules(student, match).values() for m in names]
             out.append(ModuleMatch(modules, w))

@@ -137,9 +137,17 @@ class KLDistill(Objective):
 
 class AnswerLoss(Objective):
     """Mean cross-entropy over the answer tokens (``ctx.batch["answer_mask"]`` (B, L) bool: the token at t is an
-    answer token, predicted at t-1) of the micro-batch, × ``ctx.micro_scale``. No answer tokens: 0."""
+    answer token, predicted at t-1) of the micro-batch, × ``ctx.micro_scale``. No answer tokens: 0.
+    ``teacher=True`` (objective ``answer_kl``): the mean KL(teacher ‖ student) over those positions instead, so
+    answers the teacher itself cannot give (variable tracking on a small model) are soft targets, not labels."""
 
     name = "answer"
+
+    def __init__(self, weight: float = 1.0, teacher: bool = False):
+        super().__init__(weight)
+        self.teacher = teacher
+        self.needs_teacher = teacher
+        self.name = "answer_kl" if teacher else "answer"
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         mask = ctx.batch.get("answer_mask")
@@ -148,6 +156,12 @@ class AnswerLoss(Objective):
         mask = mask[:, 1:].to(ctx.logits.device)                       # (B, L-1): position t predicts an answer
         n = int(mask.sum())
         pred = ctx.logits[:, :-1][mask].float()                        # (n, V)
+        if self.teacher:
+            if ctx.teacher_logits is None:
+                raise BadInputError("the answer_kl objective needs a teacher (--teacher)")
+            log_p = F.log_softmax(ctx.teacher_logits[:, :-1][mask].float(), dim=-1)
+            kl = (log_p.exp() * (log_p - F.log_softmax(pred, dim=-1))).sum()
+            return kl / n * ctx.micro_scale
         target = ctx.input_ids[:, 1:][mask]                            # (n,)
         return F.cross_entropy(pred, target, reduction="sum") / n * ctx.micro_scale
 
@@ -243,7 +257,7 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
             out[name.strip()] = float(w) if w else 1.0
         except ValueError:
             raise BadInputError(f"bad loss weight '{part}'; write e.g. lm=1,kl=0.5") from None
-    known = {"lm", "kl", "match", "answer", "balance", "zloss"}  # balance / zloss: router losses (seqtool.train.routers)
+    known = {"lm", "kl", "match", "answer", "answer_kl", "balance", "zloss"}  # balance / zloss: router losses (seqtool.train.routers)
     bad = sorted(set(out) - known)
     if bad or not out:
         raise BadInputError(f"unknown objective {', '.join(bad) or '(none)'}; choose from {', '.join(sorted(known))}")

@@ -107,3 +107,22 @@ def test_answer_loss_is_the_mean_ce_over_answer_tokens_only(model):
     ctx.batch = {"answer_mask": torch.zeros_like(mask)}  # no answers: 0, still differentiable
     zero = AnswerLoss()(ctx)
     assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_answer_kl_is_the_mean_kl_over_answer_positions_and_zero_against_itself(model):
+    ids = _ids()
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(1.5)
+    ctx = _ctx(model, ids, teacher=teacher)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 3:5] = True
+    ctx.batch = {"answer_mask": mask}
+    p = torch.log_softmax(ctx.teacher_logits.float(), -1)
+    q = torch.log_softmax(ctx.logits.float(), -1)
+    want = torch.stack([(p[0, t].exp() * (p[0, t] - q[0, t])).sum() for t in (2, 3)]).mean()
+    obj = AnswerLoss(teacher=True)
+    assert obj.name == "answer_kl" and obj.needs_teacher
+    torch.testing.assert_close(obj(ctx), want, rtol=1e-5, atol=1e-6)
+    ctx.teacher_logits = ctx.logits.detach()
+    assert abs(float(obj(ctx).detach())) < 1e-5
