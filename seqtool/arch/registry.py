@@ -299,3 +299,17 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 def attention_layer_indices(config: Any) -> list[int]:
     """Indices of the layers whose mixer is softmax attention (every layer unless the family is hybrid)."""
     return [i for i, kind in enumerate(layer_kinds(config)) if kind.mixer == "attention"]
+
+
+def router_modules(model: nn.Module, spec: FamilySpec | None = None) -> list[tuple[str, int]]:
+    """(qualified name, top-k) of every router of ``model``: top-k FFN routers (``<mlp>.<moe.router>``) and BAM's
+    soft attention routers (``<attention>.<attention_experts.router>``, top-k 0 = all experts mixed)."""
+    spec = spec or get_family(model)
+    out = []
+    for i, kind in enumerate(layer_kinds(model.config)):
+        base = f"{spec.layers}.{i}"
+        if kind.attention_experts > 1 and spec.attention_experts is not None:
+            out.append((f"{base}.{spec.attention}.{spec.attention_experts.router}", 0))
+        if kind.ffn == "moe":
+            out.append((f"{base}.{spec.mlp}.{spec.moe.router}", kind.top_k))
+    return out

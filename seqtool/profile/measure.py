@@ -110,6 +110,13 @@ def measure_length(model, *, seq_len: int, batch: int, decode_tokens: int, warmu
         kv_final = cache_bytes(session.cache)
         peak = meter.stop()
         session.release()
+        routing = []
+        if _has_routers(model):  # MoE / BAM: one more prefill (untimed) with hooks on the routers
+            from seqtool.profile.routing import record_routing
+
+            with record_routing(model) as routing:
+                session.pick(session.prefill(ids))
+            session.release()
         parts = None
         if breakdown:
             from seqtool.profile.breakdown import profile_breakdown
@@ -125,4 +132,12 @@ def measure_length(model, *, seq_len: int, batch: int, decode_tokens: int, warmu
         decode_tokens_per_s=rate if steps else None, peak_memory_bytes=peak.peak_bytes,
         peak_reserved_bytes=peak.reserved_bytes, peak_increase_bytes=peak.increase_bytes,
         memory_method=peak.method, kv_cache_bytes=kv_prefill, kv_cache_bytes_final=kv_final, breakdown_s=parts,
+        routing=[{"router": b.router, "top_k": b.top_k, "shares": b.shares, "imbalance": b.imbalance}
+                 for b in routing] or None,
     )
+
+
+def _has_routers(model) -> bool:
+    from seqtool.arch.registry import router_modules
+
+    return bool(router_modules(model))

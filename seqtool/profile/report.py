@@ -88,6 +88,12 @@ def render(report: ProfileReport) -> str:
             parts.append(_tab(([fmt_len(r.seq_len)] + [_share(r.breakdown_s, k) for k in KINDS]
                                + [fmt_seconds(r.breakdown_s.get("total"))] for r in with_parts),
                               ("seq_len", *KINDS, "total")))
+        routed = [r for r in m.rows if r.routing]
+        if routed:
+            parts.append(f"routing balance per router ({m.source}; imbalance = experts x largest share, 1 = even):")
+            names = [b["router"] for b in routed[0].routing]
+            parts.append(_tab(([fmt_len(r.seq_len)] + [f"{b['imbalance']:.2f}" for b in r.routing] for r in routed),
+                              ("seq_len", *names)))
     if report.comparison:
         base, other = report.models[0].source, report.models[1].source
         parts.append(f"ratios {other} / {base}:")
@@ -105,6 +111,9 @@ def _share(parts: dict, kind: str) -> str:
     return fmt_seconds(value) + pct
 
 
+_NESTED = ("breakdown_s", "prefill_samples_s", "routing")  # lists / dicts: not CSV columns
+
+
 def flat_rows(report: ProfileReport) -> list[dict]:
     """One flat dict per (model, length): model fields, row fields, ``breakdown_<kind>_s``."""
     out = []
@@ -112,7 +121,8 @@ def flat_rows(report: ProfileReport) -> list[dict]:
         head = {"model": m.source, "family": m.family, "params": m.params, "weight_bytes": m.weight_bytes,
                 "dtype": m.dtype, "device": m.device, "attn": m.attn}
         for r in m.rows:
-            row = {k: v for k, v in asdict(r).items() if k not in ("breakdown_s", "prefill_samples_s")}
+            row = {k: v for k, v in asdict(r).items() if k not in _NESTED}
+            row["routing_max_imbalance"] = max((b["imbalance"] for b in r.routing), default=None) if r.routing else None
             for kind in (*KINDS, "total"):
                 row[f"breakdown_{kind}_s"] = (r.breakdown_s or {}).get(kind)
             out.append({**head, **row})
@@ -120,7 +130,7 @@ def flat_rows(report: ProfileReport) -> list[dict]:
 
 
 def csv_columns() -> list[str]:
-    row = [f.name for f in fields(LengthResult) if f.name not in ("breakdown_s", "prefill_samples_s")]
+    row = [f.name for f in fields(LengthResult) if f.name not in _NESTED] + ["routing_max_imbalance"]
     return ["model", "family", "params", "weight_bytes", "dtype", "device", "attn", *row,
             *(f"breakdown_{k}_s" for k in (*KINDS, "total"))]
 

@@ -36,6 +36,8 @@ class LengthResult:
     estimated_seconds: float | None = None  # from FLOPs and a measured matmul rate (see profile.estimate)
     available_memory_bytes: int | None = None
     breakdown_s: dict[str, float] | None = None
+    # MoE / BAM: per router, each expert's share of a prefill's routing and imbalance = experts × max share
+    routing: list[dict] | None = None
 
 
 @dataclass

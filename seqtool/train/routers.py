@@ -16,25 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from seqtool.arch.registry import FamilySpec, get_family, layer_kinds
+from seqtool.arch.registry import FamilySpec, layer_kinds, router_modules  # noqa: F401 (router_modules re-exported)
 from seqtool.errors import BadInputError
 from seqtool.train.kinds import register_kind
 from seqtool.train.objectives import AuxLoss, emit_aux_loss
 
 ROUTER_LOSSES = ("balance", "zloss")
-
-
-def router_modules(model: nn.Module, spec: FamilySpec | None = None) -> list[tuple[str, int]]:
-    """(qualified name, top-k) of every router; top-k is 0 for soft (all-expert) routers."""
-    spec = spec or get_family(model)
-    out = []
-    for i, kind in enumerate(layer_kinds(model.config)):
-        base = f"{spec.layers}.{i}"
-        if kind.attention_experts > 1 and spec.attention_experts is not None:
-            out.append((f"{base}.{spec.attention}.{spec.attention_experts.router}", 0))
-        if kind.ffn == "moe":
-            out.append((f"{base}.{spec.mlp}.{spec.moe.router}", kind.top_k))
-    return out
 
 
 @register_kind("router")
