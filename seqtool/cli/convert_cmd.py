@@ -13,7 +13,7 @@ from seqtool.utils import format_bytes, format_count
 CalibOpt = Annotated[str | None, typer.Option("--calib", help="Calibration text file (default: built-in text).", show_default=False)]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration window.")]
-RecoverOpt = Annotated[str | None, typer.Option("--recover", help="Recovery training after converting, merged into the weights: lora (LoRA r=8 on every attention + MLP projection, LM loss, 100 steps x 4 x 256 tokens) | full (all weights of the modules the conversion changed: gqa attention, prune attention + MLP; LM loss, 100 x 4 x 256) | distill (those modules, KL to the original model on text + 30 % retrieval rows; 300 steps x 8 x 512 then 100 x 2 x 2048, bf16 autocast).", show_default=False)]
+RecoverOpt = Annotated[str | None, typer.Option("--recover", help="Recovery training after converting, merged into the weights: lora (LoRA r=8 on every attention + MLP projection, LM loss, 100 steps x 4 x 256 tokens) | full (all weights of the modules the conversion changed: gqa attention, prune attention + MLP; LM loss, 100 x 4 x 256) | distill (those modules, KL + attention-output matching to the original model on text + 30 % retrieval rows; 300 steps x 8 x 512 then 100 x 2 x 2048, bf16 autocast).", show_default=False)]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Recovery steps (default per --recover mode).", show_default=False)]
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Recovery checkpoints + log (resumable with --resume).", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the recovery run in --run-dir.")]
