@@ -3,7 +3,8 @@
 - ``lora``: peft LoRA (r 8) on every attention and MLP projection, causal-LM loss on built-in text; merged.
 - ``full``: every weight of the modules the conversion rewrote (gqa: attention; prune: attention + MLP),
   causal-LM loss.
-- ``distill``: the same modules, KL to the model as it was before the conversion (the teacher), on built-in text
+- ``distill``: the same modules, KL to the model as it was before the conversion (the teacher) plus attention
+  transfer (``match``: MSE between each layer's attention output and the teacher's), on built-in text
   mixed with 30 % synthetic retrieval rows (``loss`` may add ``answer``/``answer_kl`` terms on their answer
   tokens; measured worse on ``ref``, see docs/train.md); a length schedule: the first 3/4 of the steps at 512
   tokens × 8 rows, the last 1/4 (``long_frac``) at 2048 tokens × 2 rows (``long_seq_len``, ``long_batch``: the
@@ -27,7 +28,7 @@ RECOVERY_MODES = ("lora", "full", "distill")
 RECOVERY_DEFAULTS: dict[str, dict] = {
     "lora": {"steps": 100, "seq_len": 256, "batch": 4, "lr": 1e-3, "loss": "lm", "mix_retrieval": 0.0},
     "full": {"steps": 100, "seq_len": 256, "batch": 4, "lr": 3e-4, "loss": "lm", "mix_retrieval": 0.0},
-    "distill": {"steps": 400, "seq_len": 512, "batch": 8, "lr": 1e-3, "loss": "kl", "mix_retrieval": 0.3,
+    "distill": {"steps": 400, "seq_len": 512, "batch": 8, "lr": 1e-3, "loss": "kl=1,match=1", "mix_retrieval": 0.3,
                 "bf16": "on", "long_frac": 0.25, "long_seq_len": 2048, "long_batch": 2},
 }
 # With a run directory, a checkpoint every 5 minutes (a killed recovery resumes with --resume).
