@@ -14,9 +14,12 @@ O(T²) memory: for tests only.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from seqtool.train.shifted_attention import ShiftedSpec
+if TYPE_CHECKING:  # annotations only: the fast module imports this one for its reference path
+    from seqtool.train.shifted_attention import ShiftedSpec
 
 
 def reference_mask(seq_len: int, n_heads: int, spec: ShiftedSpec) -> torch.Tensor:
