@@ -26,6 +26,14 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, ratio: float =
     assert err <= ratio, f"{name}: relative RMS error {err:.3g} > {ratio:g}"
 
 
+def assert_all_close(names, ref, got, ratio: float, what: str) -> None:
+    """``assert_close`` over matching tensors of two results (outputs, states, gradients), with equal dtypes."""
+    assert len(ref) == len(got)
+    for name, r, g in zip(names, ref, got):
+        assert g.dtype == r.dtype, f"{what} {name}: dtype {g.dtype} != {r.dtype}"
+        assert_close(f"{what} {name}", r, g, ratio)
+
+
 def random_block_pattern(B: int, H: int, Tq: int, Tk: int, *, block_q: int, block_k: int, keep: float,
                          generator: torch.Generator | None = None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random causal block lists keeping about `keep` of each query block's causal key blocks (>= 1, always

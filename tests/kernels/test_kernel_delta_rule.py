@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from seqtool.errors import ShapeError
 from seqtool.kernels import delta_rule_attn, delta_rule_attn_step
 from seqtool.kernels._common import HAS_TRITON
-from seqtool.kernels.testing import assert_close
+from seqtool.kernels.testing import assert_all_close, assert_close
 
 NAMES = ("out", "final_state", "dq", "dk", "dv", "dbeta", "ds0", "dlog_decay")
 
@@ -58,10 +58,7 @@ def _stepwise(q, k, v, beta, s0, ld):
 
 
 def _compare(ref, got, tol, what):
-    assert len(ref) == len(got)
-    for name, r, g in zip(NAMES, ref, got):
-        assert g.dtype == r.dtype, f"{what} {name}: dtype {g.dtype} != {r.dtype}"
-        assert_close(f"{what} {name}", r, g, tol)
+    assert_all_close(NAMES, ref, got, tol, what)
 
 
 # (B, H, T, Dk, Dv, dtype, gated, chunk)
