@@ -83,3 +83,50 @@ def model_card(model: Any, steps: list[dict], extra: str = "") -> str:
     if extra:
         lines += [extra, ""]
     return "\n".join(lines)
+
+
+# --- `seqtool run` recipes -------------------------------------------------------------------------------------
+# A checkpoint written by `seqtool run` also carries the recipe that made it (the model and the rewrite steps up
+# to it, as written in the recipe file) and that recipe's step hash, beside "steps" in the same "seqtool" block:
+# `seqtool run CKPT_DIR -o OUT` replays it. A later single command (prune, patch, ...) rewrites the block through
+# :func:`write` and so drops them: the checkpoint is then no longer what that recipe makes.
+RUN_RECIPE_KEY = "recipe"
+RUN_HASH_KEY = "recipe_hash"
+
+
+def read_run_recipe(config: Any) -> tuple[dict | None, str | None]:
+    """``(recipe, step_hash)`` stored by ``seqtool run`` on a config (object or dict); (None, None) if none."""
+    value = config.get(RECIPE_KEY) if isinstance(config, dict) else getattr(config, RECIPE_KEY, None)
+    if isinstance(value, dict) and isinstance(value.get(RUN_RECIPE_KEY), dict):
+        return value[RUN_RECIPE_KEY], value.get(RUN_HASH_KEY)
+    return None, None
+
+
+def attach_run_recipe(checkpoint_dir: Any, run_recipe: dict, step_hash: str) -> None:
+    """Add ``run_recipe`` and ``step_hash`` to the checkpoint's ``config.json`` (and a section to its model card).
+    Called on a checkpoint that is not published yet (the runner's temp directory); each file is replaced
+    atomically."""
+    from pathlib import Path
+
+    root = Path(checkpoint_dir)
+    config_file = root / "config.json"
+    config = json.loads(config_file.read_text())
+    block = config.get(RECIPE_KEY) if isinstance(config.get(RECIPE_KEY), dict) else {"version": _version(), "steps": []}
+    block[RUN_RECIPE_KEY] = run_recipe
+    block[RUN_HASH_KEY] = step_hash
+    config[RECIPE_KEY] = block
+    _replace_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = root / "README.md"
+    if card.exists():
+        text = card.read_text()
+        section = ("\n## Made by `seqtool run`\n\nReproduce with `seqtool run THIS_DIR -o OUT` (recipe below, step hash "
+                   f"`{step_hash}`):\n\n```json\n{json.dumps(run_recipe, indent=2)}\n```\n")
+        _replace_text(card, text.rstrip("\n") + "\n" + section)
+
+
+def _replace_text(path: Any, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -10,6 +10,7 @@ from seqtool.cli import profile_cmd
 from seqtool.cli import convert_cmd, prune_cmd
 from seqtool.cli import patch_cmd
 from seqtool.cli import finetune_cmd
+from seqtool.cli import run_cmd
 
 app = typer.Typer(
     name="seqtool",
@@ -38,7 +39,7 @@ def root(
     common.quiet_libraries()
 
 
-for _module in (inspect_cmd, profile_cmd, eval_cmd, zoo_cmd, convert_cmd, prune_cmd, patch_cmd, finetune_cmd):
+for _module in (inspect_cmd, profile_cmd, eval_cmd, zoo_cmd, convert_cmd, prune_cmd, patch_cmd, finetune_cmd, run_cmd):
     _module.register(app)
 
 

@@ -252,6 +252,13 @@ class OneLineErrorsGroup(typer.core.TyperGroup):
         except ImportError:  # pragma: no cover
             import click
 
+        from seqtool.cli import project
+
+        try:  # [tool.seqtool] model/device/dtype of ./pyproject.toml or ./seqtool.toml (see seqtool.cli.project)
+            extra.setdefault("default_map", project.default_map(self.commands))
+        except SeqtoolError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -262,6 +269,9 @@ class OneLineErrorsGroup(typer.core.TyperGroup):
         except click.exceptions.ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            if isinstance(exc, click.exceptions.MissingParameter) and getattr(exc.param, "name", None) == "model":
+                typer.echo(f"error: {project.missing_model_message()}", err=True)
+                sys.exit(2)
             typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)

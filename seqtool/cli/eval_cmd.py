@@ -8,6 +8,7 @@ import typer
 
 from seqtool.cli import common
 from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
+from seqtool.cli.gates import FailUnderOpt, check_gates, parse_gates
 from seqtool.utils import parse_length_list
 
 
@@ -88,6 +89,7 @@ def register(app: typer.Typer) -> None:
         recall: Annotated[bool, typer.Option("--recall", help="With --attn (or a patched checkpoint): attention recall of the patch on the retrieval prompts (answer / all queries).")] = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        fail_under: FailUnderOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Measure held-out perplexity and retrieval accuracy at one or more context lengths.
@@ -96,8 +98,10 @@ def register(app: typer.Typer) -> None:
           seqtool eval ref --task all --seq-len 2k
           seqtool eval ./gqa-ref --task passkey --seq-len 1k,2k --compare ref --json
           seqtool eval ref --task passkey --attn infllm:budget=0.5,min_len=0 --recall
+          seqtool eval ./ckpt --task ppl,passkey --seq-len 1k --fail-under passkey=0.9,ppl=40   # CI gate: exit 1
         """
         check_model(model)
+        gates = parse_gates(fail_under, "eval", tasks=task)
         if compare is not None:
             check_model(compare)  # checked now, not after the main evaluation
         seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)
@@ -109,3 +113,4 @@ def register(app: typer.Typer) -> None:
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,
                               progress=_Bars(stack), recall=recall)
         emit(result, json_out, render)
+        check_gates(gates, result, "eval")

@@ -7,6 +7,7 @@ import typer
 
 from seqtool.cli.common import (AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors,
                                 log, progress)
+from seqtool.cli.gates import FailOverOpt, check_gates, parse_gates
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
         csv_path: Annotated[str | None, typer.Option("--csv", help="Also write the rows to this CSV file.", show_default=False)] = None,
         plot_path: Annotated[str | None, typer.Option("--plot", help="Also plot latency/memory against length to this PNG (needs matplotlib, the plot extra).", show_default=False)] = None,
         max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Skip lengths estimated (from FLOPs and a measured rate) to take longer than this.", show_default=False)] = None,
+        fail_over: FailOverOpt = None,
     ) -> None:
         """Measure prefill and decode latency, peak memory, KV-cache bytes and FLOPs at one or more lengths.
 
@@ -42,8 +44,10 @@ def register(app: typer.Typer) -> None:
           seqtool profile llama-3.1-8b --sweep 8k,16k,32k --breakdown --json
           seqtool profile ./ckpt --compare ./ckpt-gqa --sweep 1k,4k --csv out.csv --plot out.png
           seqtool profile llama-3.2-1b --sweep 4k,16k,32k --max-seconds 120
+          seqtool profile ./base --compare ./gqa --seq-len 2k --fail-over prefill=0.8   # CI gate: exit 1
         """
         check_model(model)
+        gates = parse_gates(fail_over, "profile")
         if compare is not None:
             check_model(compare)
         from seqtool.profile.report import check_output_path, render, require_matplotlib, write_csv, write_plot
@@ -82,3 +86,4 @@ def register(app: typer.Typer) -> None:
         if failed:
             source, row = failed[0]
             raise SeqtoolError(f"profiling {source} at {row.seq_len} tokens failed: {row.note}")
+        check_gates(gates, report, "profile")
