@@ -49,20 +49,26 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_hash(model: str) -> str:
-    """The input model's identity: its name, plus for a directory its config.json and every weight file's
-    name, size and modification time (so a changed checkpoint counts as a new model without reading it all)."""
+def model_identity(model: str) -> tuple[str, str]:
+    """``(recorded, hash)`` of the input model. Recorded: a preset or hub id as given, a local directory as its
+    absolute path (so a replay works from anywhere). Hash: that name plus, for a directory, its config.json and
+    every weight file's name, size and modification time (a changed checkpoint is a new model, without reading
+    the weights)."""
     from seqtool import __version__
+    from seqtool.arch.paths import resolve_source
+    from seqtool.zoo.presets import is_preset
 
-    path = Path(model)
-    files = []
-    if path.is_dir():
-        config = path / "config.json"
+    recorded, files = model, []
+    if not is_preset(model):
+        resolved = Path(resolve_source(model)).resolve()
+        if Path(model).expanduser().exists():
+            recorded = str(resolved)
+        config = resolved / "config.json"
         files.append(("config.json", config.read_text() if config.exists() else ""))
-        for weight in sorted(path.glob("*.safetensors")):
+        for weight in sorted(resolved.glob("*.safetensors")):
             stat = weight.stat()
             files.append((weight.name, stat.st_size, stat.st_mtime_ns))
-    return _digest({"model": model, "files": files, "seqtool": __version__})
+    return recorded, _digest({"model": recorded, "files": files, "seqtool": __version__})
 
 
 # Gates are checked on the saved result (also of a skipped step), so changing a threshold re-measures nothing.
@@ -145,9 +151,8 @@ def run_recipe(recipe: Recipe, out: str, *, quiet: bool = False) -> RunResult:
     root = check_run_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     result = RunResult(recipe.to_dict(), str(root))
-    source, source_hash = recipe.model, model_hash(recipe.model)
-    model_path = Path(recipe.model)
-    recorded_model = str(model_path.resolve()) if model_path.is_dir() else recipe.model
+    recorded_model, source_hash = model_identity(recipe.model)
+    source = recipe.model
     rewrites: list[dict] = []
     n = len(recipe.steps)
     progress = "off" if quiet else "auto"

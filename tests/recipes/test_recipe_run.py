@@ -180,3 +180,14 @@ def test_every_option_reaches_the_library():
             else:  # prune / convert: convert()'s own options plus the conversion's fields
                 fields = {f.name for c in CONVERSIONS.values() for f in dataclasses.fields(c)}
                 assert set(call.kwargs) <= generic | fields, (name, key)
+
+
+def test_a_model_directory_is_recorded_by_its_absolute_path(monkeypatch):
+    from seqtool.cli.recipe_run import model_identity
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    relative = model_identity("seqtool/zoo/ref")
+    assert relative == model_identity(str(root / "seqtool" / "zoo" / "ref"))
+    assert relative[0] == str(root / "seqtool" / "zoo" / "ref")
+    assert model_identity("ref")[0] == "ref" and model_identity("ref")[1] != relative[1]
