@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from seqtool.errors import BadInputError
@@ -79,7 +79,6 @@ class Recipe:
     device: str | None = None
     dtype: str | None = None
     source: str = "recipe"
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The recipe as written (plain JSON/YAML data), with the defaults it was run with made explicit."""
@@ -193,7 +192,7 @@ def _suggest(word: str, choices) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _split_step(raw: Any, index: int, names) -> tuple[str, Any]:
+def _split_step(raw: Any, index: int) -> tuple[str, Any]:
     where = f"step {index}"
     if isinstance(raw, str):
         return raw, None
@@ -230,7 +229,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", defaults: dict[str, str] 
     specs = step_specs()
     steps: list[Step] = []
     for index, raw in enumerate(raw_steps, 1):
-        name, options = _split_step(raw, index, specs)
+        name, options = _split_step(raw, index)
         if name not in specs:
             raise RecipeError(f"step {index}: unknown step '{name}'{_suggest(name, specs)} (steps: {', '.join(specs)})")
         spec = specs[name]

@@ -88,7 +88,13 @@ def register(app: typer.Typer) -> None:
         Steps: prune, convert, finetune, patch (rewrites, in a chain) then eval, profile, inspect (measure the
         latest checkpoint); option names are the long flags with underscores, lengths as 512 or "2k". The whole
         recipe is checked before the first step runs. Each checkpoint carries its recipe: `seqtool run CKPT -o OUT`
-        reproduces it. Eval/profile gates (fail_under / fail_over) stop the run with exit 1.
+        reproduces it. Eval/profile gates (fail_under / fail_over) stop the run with exit 1. A recipe:
+
+          model: ref
+          steps:
+            - prune: {ratio: 0.2}
+            - convert: {to: gqa, kv_heads: 4}
+            - eval: {task: ppl, seq_len: 512, fail_under: {ppl: 40}}
 
         Examples:
           seqtool run recipe.yaml -o runs/r1
@@ -100,14 +106,14 @@ def register(app: typer.Typer) -> None:
         from seqtool.errors import BadInputError
 
         parsed = load(recipe, set_)
+        if output is None and not dry_run:
+            raise BadInputError("pass -o OUT (the run directory), or --dry-run")
         from seqtool.cli.recipe_steps import preflight
 
         preflight(parsed)
         if dry_run:
             _plan(parsed, json_out)
             return
-        if output is None:
-            raise BadInputError("pass -o OUT (the run directory), or --dry-run")
         from seqtool.cli.recipe_run import render, run_recipe
 
         log(f"running {len(parsed.steps)} step(s) of {parsed.source} on {parsed.model} -> {output}")
