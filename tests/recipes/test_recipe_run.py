@@ -191,3 +191,31 @@ def test_a_model_directory_is_recorded_by_its_absolute_path(monkeypatch):
     assert relative == model_identity(str(root / "seqtool" / "zoo" / "ref"))
     assert relative[0] == str(root / "seqtool" / "zoo" / "ref")
     assert model_identity("ref")[0] == "ref" and model_identity("ref")[1] != relative[1]
+
+
+def test_a_failed_step_leaves_finished_steps_and_no_partial_output(tmp_path, monkeypatch):
+    from seqtool.cli import recipe_steps
+    from seqtool.errors import SeqtoolError
+
+    def broken(*args, **kwargs):
+        raise SeqtoolError("the measurement broke")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\nsteps: [inspect, {eval: {task: ppl}}]\n")
+    monkeypatch.setitem(recipe_steps.FUNCTIONS, "eval", broken)
+    result = _run("run", recipe, "-o", tmp_path / "run")
+    assert result.exit_code == 1 and result.stderr.strip() == "error: the measurement broke"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["01-inspect"]  # no temp dir, no 02-eval
+    monkeypatch.undo()
+    monkeypatch.setitem(recipe_steps.FUNCTIONS, "eval", lambda *a, **k: {"ppl": [], "seq_lens": []})
+    assert _statuses(_run("run", recipe, "-o", tmp_path / "run", "--json")) == ["skipped", "ran"]
+
+
+def test_a_recipe_without_model_uses_the_project_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seqtool.toml").write_text("model = 'tiny-qwen2'\ndtype = 'fp32'\n")
+    (tmp_path / "r.yaml").write_text("steps: [{prune: {ratio: 0.3}}, inspect]\n")
+    result = _run("validate", "r.yaml", "--json")
+    assert result.exit_code == 0, result.output
+    checked = json.loads(result.stdout)
+    assert checked["recipe"]["model"] == "tiny-qwen2" and checked["steps"][0]["options"]["dtype"] == "fp32"
