@@ -14,7 +14,8 @@ The allowed keys, their types and which are required come from the Typer command
 recipes by itself); ``-o/--output``, ``--force``, ``--in-place`` and ``--json`` are the runner's business. A step
 whose command writes a checkpoint (it has ``-o``) is a *rewrite* and works on the previous step's checkpoint, so
 it must follow the model or another rewrite; measurement steps (eval, profile, inspect) measure the latest
-checkpoint. Steps are numbered from 1 in messages, ``--set`` and output directories. No torch here.
+checkpoint (``--dry-run`` of a command is left to ``seqtool run --dry-run``). Steps are numbered from 1 in
+messages, ``--set`` and output directories. No torch here.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Any
 
 from seqtool.errors import BadInputError
 
-EXCLUDED_PARAMS = ("model", "output", "force", "in_place", "json_out")
+# The runner's own business: where steps write, and printing/planning modes (`seqtool run --dry-run` plans them all).
+EXCLUDED_PARAMS = ("model", "output", "force", "in_place", "json_out", "dry_run")
 TOP_KEYS = ("model", "device", "dtype", "steps")
 _KIND_NAMES = {"int": "an integer (or a length like 2k)", "float": "a number", "str": "a string",
                "bool": "true or false", "list": "a list of strings (or a key: value mapping)"}
