@@ -190,8 +190,14 @@ def _recurrent_state_bytes(config: Any) -> int | None:
     return 0 if all(k.mixer == "attention" for k in layer_kinds(config)) else None
 
 
+# Options that change where results go or how progress shows, not what is held in memory.
+_NEUTRAL = {"output", "force", "in_place", "run_dir", "resume", "threads", "progress", "quiet", "json", "json_out",
+            "plot", "eval_every", "save_every", "seed", "max_seconds", "csv", "csv_path", "plot_path"}
+
+
 def _take(options: dict, command: str, allowed: dict[str, Any]) -> dict[str, Any]:
     """``allowed`` defaults overridden by ``options``; an option outside ``allowed`` is an unpredictable step."""
+    options = {k: v for k, v in options.items() if k not in _NEUTRAL or k in allowed}
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UnpredictableStepError(f"step '{command}': the memory plan does not model option(s) "
@@ -288,7 +294,11 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.plan.memory import ID_LIST_BYTES_PER_TOKEN, Phase, dims, forward_bytes, kv_bytes, weight_bytes
 
     o = _take(options, "eval", {"task": "ppl", "tasks": None, "seq_len": 2048, "seq_lens": None,
-                                "ppl_tokens": PPL_TOKENS, "stride": None, "attn": None})
+                                "ppl_tokens": PPL_TOKENS, "stride": None, "attn": None, "samples": 20,
+                                "depths": None, "batch": 1, "data": None, "compare": None, "recall": False})
+    for name in ("data", "compare"):
+        if o[name]:
+            raise UnpredictableStepError(f"step 'eval': --{name} is not modelled")
     tasks = parse_tasks(o["tasks"] or o["task"])
     if tasks != ["ppl"]:
         raise UnpredictableStepError(f"step 'eval': only the ppl task is modelled, not {', '.join(t for t in tasks if t != 'ppl')}")
