@@ -80,6 +80,7 @@ def _trim() -> None:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    import seqtool.profile.memory as memory_module
     from seqtool.profile.memory import PeakMemory
 
     if spec.get("threads"):
@@ -93,6 +94,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="seqtool-plan-run-") as tmp:
         meter = PeakMemory(torch.device("cpu"))
         meter.start()
+        # a step that measures itself (profile) must not reset the kernel's peak counter under this meter
+        memory_module._reset_peak_rss = lambda: False
         run_step(spec["model"], spec["command"], spec["options"], dtype=spec.get("dtype"), workdir=tmp)
         reading = meter.stop()
     return {"peak_bytes": int(reading.increase_bytes), "method": reading.method}

@@ -20,6 +20,7 @@ from seqtool.errors import BadInputError, NotImplementedMethodError
 
 # save_model reloads written checkpoints up to this many parameters in full (arch.io.validate_checkpoint)
 FULL_RELOAD_MAX_PARAMS = 200_000_000
+SHARD_SIZE = "2GB"  # save_model's max_shard_size
 COMMANDS = ("inspect", "profile", "eval", "prune", "convert", "finetune", "patch")
 
 
@@ -211,28 +212,59 @@ def _length(value, name: str) -> int:
     return parse_length(value) if not isinstance(value, int) else value
 
 
-def _load_parts(state: _State, weights: int, device: str, file_bytes: int) -> dict[str, int]:
-    parts = {"weights": weights}
+def _load_parts(state: _State, model, device: str) -> dict[str, int]:
+    """Loading: a checkpoint's files are memory-mapped while the weights are copied out of them (CPU); a preset
+    built from its config allocates an untied LM head before tying it to the embeddings."""
+    from seqtool.plan.memory import dims, weight_bytes
+
+    parts = {"weights": weight_bytes(model)}
     if state.on_disk and device == "cpu":
-        parts["checkpoint file pages"] = file_bytes  # safetensors are mmapped while the weights are copied out
+        parts["checkpoint file pages"] = _file_bytes(state, model)
+    elif not state.on_disk and getattr(model.config, "tie_word_embeddings", False):
+        _, hidden, _, _, _, _, vocab = dims(model.config)
+        parts["LM head before tying"] = vocab * hidden * next(model.parameters()).element_size()
     return parts
 
 
-def _save_phases(model_after, compute_b: int, save_b: int, device: str) -> list:
-    """Writing a checkpoint (save_model): a cast copy of the state dict when the file dtype differs, then
-    validation: every tensor read back one at a time (+ its isfinite mask) and, up to 200M parameters, a full
-    reload (weights in the file dtype + the mmapped file)."""
-    from seqtool.plan.memory import Phase, largest_tensor
+def _shards(model, save_dtype) -> list[tuple[int, int, int]]:
+    """(file bytes, largest tensor bytes, its elements) per safetensors shard that ``save_model`` writes, from
+    the same sharding function transformers uses (huggingface_hub, 2GB shards, tied weights written once)."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
 
+    from seqtool.arch.io import _tied_keys
+
+    tied = _tied_keys(model) | ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
+    state = {k: torch.empty(v.shape, dtype=save_dtype, device="meta") for k, v in model.state_dict().items()
+             if k not in tied}
+    split = split_torch_state_dict_into_shards(state, max_shard_size=SHARD_SIZE)
+    out = []
+    for names in split.filename_to_tensors.values():
+        sizes = [(state[n].numel() * state[n].element_size(), state[n].numel()) for n in names]
+        largest = max(sizes)
+        out.append((sum(b for b, _ in sizes), largest[0], largest[1]))
+    return out
+
+
+def _save_phases(model_after, compute_b: int, save_dtype, device: str) -> list:
+    """Writing a checkpoint (save_model): a cast copy of the state dict when the file dtype differs, then
+    validation (arch.io.validate_checkpoint): every tensor of a shard read back through its memory map (the
+    shard's pages stay resident until the file is closed) with an isfinite mask, and, up to 200M parameters, a
+    full reload (weights in the file dtype + the mapped file)."""
+    from seqtool.plan.memory import Phase
+
+    save_b = save_dtype.itemsize
     n_params = sum(p.numel() for p in model_after.parameters())
     weights = n_params * compute_b
     save = {"weights": weights}
     if save_b != compute_b:
         save["state dict cast to the file dtype"] = n_params * save_b
-    numel, _ = largest_tensor(model_after)
-    validate = {"weights": weights, "largest tensor read back + isfinite mask": numel * (save_b + 1)}
-    phases = [Phase("save", save), Phase("validate", validate)]
-    if n_params <= FULL_RELOAD_MAX_PARAMS and device == "cpu":
+    if device != "cpu":
+        return [Phase("save", save)]
+    # per shard: all its pages once read, or the largest tensor's pages + its copy + its mask
+    read_back = max(max(size, 2 * big + numel) for size, big, numel in _shards(model_after, save_dtype))
+    phases = [Phase("save", save), Phase("validate", {"weights": weights, "written shard read back": read_back})]
+    if n_params <= FULL_RELOAD_MAX_PARAMS:
         phases.append(Phase("validate (reload)", {"weights": weights, "reloaded weights": n_params * save_b,
                                                   "checkpoint file pages": n_params * save_b}))
     return phases
@@ -274,7 +306,7 @@ def _plan_profile(state, model, options, b, device, dtype) -> _Outcome:
     else:
         lengths = [_length(o["seq_len"], "seq_len")]
     weights = weight_bytes(model)
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model)))]
+    phases = [Phase("load", _load_parts(state, model, device))]
     for length in lengths:
         e = est.estimate_memory(model.config, weight_bytes=weights, bytes_per_element=b, batch=o["batch"],
                                 seq_len=length, decode_tokens=o["decode_tokens"], attn=o["attn"])
@@ -317,7 +349,7 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     use_cache = bool(getattr(model.config, "use_cache", True))
     kv = kv_bytes(model.config, tokens=T, batch=1, b=b) if use_cache else 0
     base = {"weights": weights, "tokenized text": stream}
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model))),
+    phases = [Phase("load", _load_parts(state, model, device)),
               Phase("forward", {**base, "previous window's logits": prev, "kv cache": kv,
                                 "activations": max(forward_bytes(model.config, batch=1, seq_len=T, b=b),
                                                    T * vocab * b)})]
@@ -360,13 +392,12 @@ def _rewrite_phase(model_before, model_after) -> Any:
     return Phase("rewrite", {"weights": weight_bytes(model_before), "one rewritten layer": layer_new})
 
 
-def _save_b(state: _State, requested: str | None, b: int) -> int:
+def _save_dtype(state: _State, requested: str | None, compute):
+    """The dtype a convert / prune / patch output is written in: --dtype, else the source's (convert.base)."""
     from seqtool.arch.io import resolve_dtype
 
     chosen = resolve_dtype(requested) if requested is not None else None
-    if chosen is not None:
-        return chosen.itemsize
-    return state.file_dtype.itemsize if state.on_disk else b
+    return chosen or (state.file_dtype if state.on_disk else compute)
 
 
 def _no_recover(o: dict, command: str) -> None:
@@ -402,11 +433,11 @@ def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     setattr(after, keys["intermediate"], p.intermediate)
     model_after = _meta_model(after, next(model.parameters()).dtype)
     weights = weight_bytes(model)
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model)))]
+    phases = [Phase("load", _load_parts(state, model, device))]
     if conv.needs_calibration:
         phases.append(_calibration_phase(state, model, b, o["samples"], o["seq_len"], amp_hook=True))
     phases.append(_rewrite_phase(model, model_after))
-    phases += _save_phases(model_after, b, _save_b(state, dtype, b), device)
+    phases += _save_phases(model_after, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
     return _Outcome(phases, tokens=o["seq_len"] if conv.needs_calibration else None, config=after, writes=True,
                     notes=[f"removes {p.units_removed} {p.unit} unit(s) and {p.channels_removed} MLP channels per "
                            f"layer (ratio {p.expected_ratio:.3f})"])
@@ -439,12 +470,12 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     setattr(after, get_family(model).config_keys["kv_heads"], conv.kv_heads)
     model_after = _meta_model(after, next(model.parameters()).dtype)
     weights = weight_bytes(model)
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model)))]
+    phases = [Phase("load", _load_parts(state, model, device))]
     samples, seq_len = run.get("samples", 50), run.get("seq_len", 128)
     if conv.needs_calibration:
         phases.append(_calibration_phase(state, model, b, samples, seq_len, amp_hook=False))
     phases.append(_rewrite_phase(model, model_after))
-    phases += _save_phases(model_after, b, _save_b(state, dtype, b), device)
+    phases += _save_phases(model_after, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
     return _Outcome(phases, tokens=seq_len if conv.needs_calibration else None, config=after, writes=True)
 
 
@@ -530,13 +561,13 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
     chars = sum(map(len, _builtin_docs("train", max_chars)))
     chars += sum(map(len, _builtin_docs("heldout", min(_MAX_HELDOUT_ROWS * seq_len * 6, 2_000_000))))
     text = tokenize_bytes(chars, _chars_per_token(state.tokenizer))
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model))),
+    phases = [Phase("load", _load_parts(state, model, device)),
               Phase("train step", {"weights": weights, "tokenized text": text,
                                    "trainable + gradients + AdamW": optim, "activations (saved for backward)": saved,
                                    "logits + loss gradients": loss_bytes(n, vocab, b)})]
     save_dtype = state.file_dtype if state.on_disk else next(model.parameters()).dtype
     model_after = _meta_model(after or model.config, save_dtype)
-    phases += _save_phases(model_after, save_dtype.itemsize, save_dtype.itemsize, device)
+    phases += _save_phases(model_after, save_dtype.itemsize, save_dtype, device)
     return _Outcome(phases, tokens=seq_len, config=after, writes=True, save_dtype=save_dtype,
                     notes=notes + [f"{trainable:,} trainable parameters ({method})"])
 
@@ -549,8 +580,8 @@ def _plan_patch(state, model, options, b, device, dtype) -> _Outcome:
     if o["report"]:
         raise UnpredictableStepError("step 'patch': --report (a probe run with recall meters) is not modelled")
     weights = weight_bytes(model)
-    phases = [Phase("load", _load_parts(state, weights, device, _file_bytes(state, model)))]
-    phases += _save_phases(model, b, _save_b(state, dtype, b), device)
+    phases = [Phase("load", _load_parts(state, model, device))]
+    phases += _save_phases(model, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
     return _Outcome(phases, writes=True, notes=[f"patch {o['method']}: weights unchanged; KV/token is the dense "
                                                 "cache's (a cache-evicting method keeps at most its budget)"])
 
