@@ -7,6 +7,7 @@ import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
                                 check_output, emit, handle_errors, is_quiet, table, working)
+from seqtool.cli.dry_run import DryRunOpt
 from seqtool.errors import BadInputError
 from seqtool.utils import format_bytes, format_count
 
@@ -112,6 +113,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
         json_out: JsonOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Rewrite a checkpoint's structure; the output loads with plain transformers.
 
@@ -139,6 +141,12 @@ def register(app: typer.Typer) -> None:
                 options.update(attention_experts=attention_experts, parallel=parallel)
         if to == "prune":
             raise BadInputError("pruning has its own command: seqtool prune MODEL --ratio R -o OUT")
+        if dry_run:
+            from seqtool.cli.dry_run import print_plan
+
+            return print_plan(model, "convert", dict(to=to, **options, calib=calib, samples=samples, seq_len=seq_len,
+                                                     recover=recover, steps=steps), device=device, dtype=dtype,
+                              json_out=json_out)
         if to == "hybrid":
             # Unset options keep the library's defaults (seqtool.convert.hybrid), the recipe behind the docs' numbers.
             given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len}

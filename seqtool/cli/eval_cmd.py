@@ -9,6 +9,7 @@ import typer
 from seqtool.cli import common
 from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
 from seqtool.cli.gates import FailUnderOpt, check_gates, parse_gates
+from seqtool.cli.dry_run import DryRunOpt
 from seqtool.utils import parse_length_list
 
 
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         fail_under: FailUnderOpt = None,
         json_out: JsonOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Measure held-out perplexity and retrieval accuracy at one or more context lengths.
 
@@ -102,6 +104,12 @@ def register(app: typer.Typer) -> None:
         """
         check_model(model)
         gates = parse_gates(fail_under, "eval", tasks=task)
+        if dry_run:
+            from seqtool.cli.dry_run import print_plan
+
+            return print_plan(model, "eval", dict(task=task, seq_lens=parse_length_list(seq_len), attn=attn,
+                                                  data=data, stride=stride, ppl_tokens=ppl_tokens or None,
+                                                  compare=compare), device=device, dtype=dtype, json_out=json_out)
         if compare is not None:
             check_model(compare)  # checked now, not after the main evaluation
         seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)

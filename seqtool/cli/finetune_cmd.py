@@ -7,6 +7,7 @@ import typer
 
 from seqtool.cli.common import (DeviceOpt, ForceOpt, JsonOpt, ModelArg, OutputOpt, check_model, check_output, emit,
                                 handle_errors, is_quiet, log, table)
+from seqtool.cli.dry_run import DryRunOpt
 
 
 def render(result) -> str:
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         device: DeviceOpt = "auto",
         json_out: JsonOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Fine-tune a model (LoRA or full, on chosen module kinds) and save it merged; plain transformers loads it.
 
@@ -93,6 +95,14 @@ def register(app: typer.Typer) -> None:
         check_model(model)  # model, teacher, then output: checked before anything is loaded
         if teacher is not None:
             check_model(teacher)
+        if dry_run:
+            from seqtool.cli.dry_run import print_plan
+
+            return print_plan(model, "finetune", dict(
+                steps=steps, data=data, method=method, train=train, loss=loss, teacher=teacher, seq_len=seq_len,
+                batch=batch, grad_accum=grad_accum, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                grad_checkpoint=grad_checkpoint, bf16=bf16, context=context, rope_scale=rope_scale,
+                group_size=group_size, sinks=sinks), device=device, dtype="auto", json_out=json_out)
         if output is not None:
             output = check_output(model, output, in_place=False, force=force)
         import os

@@ -8,6 +8,7 @@ import typer
 from seqtool.cli.common import (AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors,
                                 log, progress)
 from seqtool.cli.gates import FailOverOpt, check_gates, parse_gates
+from seqtool.cli.dry_run import DryRunOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +33,7 @@ def register(app: typer.Typer) -> None:
         plot_path: Annotated[str | None, typer.Option("--plot", help="Also plot latency/memory against length to this PNG (needs matplotlib, the plot extra).", show_default=False)] = None,
         max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Skip lengths estimated (from FLOPs and a measured rate) to take longer than this.", show_default=False)] = None,
         fail_over: FailOverOpt = None,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Measure prefill and decode latency, peak memory, KV-cache bytes and FLOPs at one or more lengths.
 
@@ -45,9 +47,19 @@ def register(app: typer.Typer) -> None:
           seqtool profile ./ckpt --compare ./ckpt-gqa --sweep 1k,4k --csv out.csv --plot out.png
           seqtool profile llama-3.2-1b --sweep 4k,16k,32k --max-seconds 120
           seqtool profile ./base --compare ./gqa --seq-len 2k --fail-over prefill=0.8   # CI gate: exit 1
+          seqtool profile llama-3.1-8b --seq-len 32k --dry-run
         """
         check_model(model)
         gates = parse_gates(fail_over, "profile")
+        if dry_run:
+            from seqtool.cli.dry_run import print_plan
+            from seqtool.errors import BadInputError
+
+            if compare is not None:
+                raise BadInputError("--dry-run plans one model; run it once per model instead of --compare")
+            return print_plan(model, "profile", dict(seq_len=seq_len, sweep=sweep, batch=batch,
+                                                     decode_tokens=decode_tokens, warmup=warmup, repeats=repeats,
+                                                     attn=attn), device=device, dtype=dtype, json_out=json_out)
         if compare is not None:
             check_model(compare)
         from seqtool.profile.report import check_output_path, render, require_matplotlib, write_csv, write_plot

@@ -7,6 +7,7 @@ import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
                                 emit, handle_errors, is_quiet, working)
+from seqtool.cli.dry_run import DryRunOpt
 from seqtool.errors import BadInputError
 from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, ResumeOpt, RunDirOpt, SamplesOpt, SeedOpt, SeqLenOpt,
                                      StepsOpt, render, resolve_output)
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
         json_out: JsonOpt = False,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Remove the least important heads and MLP channels, the same number in every layer.
 
@@ -50,6 +52,13 @@ def register(app: typer.Typer) -> None:
             raise BadInputError(f"--ratio must be in (0, 1), got {ratio:g}")
         if recover not in (None, "none", "lora", "full", "distill"):
             raise BadInputError(f"unknown --recover '{recover}'; use lora, full or distill, or leave it out")
+        if dry_run:
+            from seqtool.cli.dry_run import print_plan
+
+            return print_plan(model, "prune", dict(ratio=ratio, target=target, criterion=criterion, round_to=round_to,
+                                                   gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len,
+                                                   recover=recover, steps=steps), device=device, dtype=dtype,
+                              json_out=json_out)
         out = resolve_output(model, output, in_place, force)
         from seqtool.convert.prune import prune_model
 

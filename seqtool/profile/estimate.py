@@ -30,6 +30,17 @@ class MemoryEstimate:
 def estimate_memory(config, *, weight_bytes: int, bytes_per_element: int, batch: int, seq_len: int,
                     decode_tokens: int, attn: str | None) -> MemoryEstimate:
     """Bytes a prefill of ``batch × seq_len`` plus ``decode_tokens`` cached decode steps needs."""
+    logits = batch * int(config.vocab_size) * 4 * 2
+    kv = kv_cache_bytes_per_token(config, bytes_per_element) * batch * (seq_len + decode_tokens)
+    layer = layer_activation_bytes(config, batch=batch, seq_len=seq_len, bytes_per_element=bytes_per_element,
+                                   attn=attn)
+    return MemoryEstimate(weight_bytes, kv, layer + logits)
+
+
+def layer_activation_bytes(config, *, batch: int, seq_len: int, bytes_per_element: int, attn: str | None) -> int:
+    """The largest set of tensors one decoder layer holds at once in a no-grad forward of ``batch × seq_len``
+    tokens: its attention phase (hidden states, q/k/v, outputs; eager attention adds the T×T scores and their
+    fp32 softmax) or its MLP phase (hidden states and the gate/up/activation intermediates)."""
     heads, kv_heads, head_dim = head_counts(config)
     hidden = int(config_value(config, "hidden"))
     inter = int(config_value(config, "intermediate"))
@@ -40,9 +51,7 @@ def estimate_memory(config, *, weight_bytes: int, bytes_per_element: int, batch:
         # scores in the model dtype, softmax in fp32, probabilities cast back
         attention_phase += batch * heads * seq_len * seq_len * (2 * b + 4)
     mlp_phase = n * (3 * hidden + 4 * inter) * b
-    logits = batch * int(config.vocab_size) * 4 * 2
-    kv = kv_cache_bytes_per_token(config, b) * batch * (seq_len + decode_tokens)
-    return MemoryEstimate(weight_bytes, kv, max(attention_phase, mlp_phase) + logits)
+    return max(attention_phase, mlp_phase)
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int = 512, repeats: int = 3) -> float:

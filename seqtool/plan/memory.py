@@ -1,0 +1,126 @@
+"""Byte counts the plan adds up: what a step holds at once, per phase, from shapes alone.
+
+Every function takes a config (or a meta model) and sizes; nothing is allocated. ``b`` is the element size of the
+compute dtype. The terms and why they are there are listed in docs/memory_plan.md; the forward-pass terms reuse
+:func:`seqtool.profile.estimate.layer_activation_bytes` (what ``seqtool profile`` checks against free memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from seqtool.arch.registry import config_value, head_counts, kv_cache_bytes_per_token, layer_kinds
+from seqtool.profile.estimate import layer_activation_bytes
+
+# Fast (Rust) tokenizers hold per token: id, type id, token string, offsets, masks (~92 B), and the Python list
+# of ids (int object + pointer, 36 B) plus the attention-mask list (8 B) handed back to Python.
+TOKENIZER_BYTES_PER_TOKEN = 136
+# A list of Python ints (ids above 256 are objects of 28 B, plus the list's 8 B pointer).
+ID_LIST_BYTES_PER_TOKEN = 36
+
+
+@dataclass
+class Phase:
+    """What is alive at one moment of a step: ``parts`` name → bytes."""
+
+    name: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def peak(phases: list[Phase]) -> Phase:
+    """The phase with the most bytes alive (the step's peak)."""
+    return max(phases, key=lambda p: p.total)
+
+
+def weight_bytes(model: Any) -> int:
+    """Parameters (tied ones once) and buffers of a (meta) model, in its dtype."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params + buffers
+
+
+def largest_tensor(model: Any) -> tuple[int, int]:
+    """(elements, bytes) of the model's largest parameter."""
+    p = max(model.parameters(), key=lambda t: t.numel())
+    return p.numel(), p.numel() * p.element_size()
+
+
+def dims(config: Any) -> tuple[int, int, int, int, int, int, int]:
+    """(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)."""
+    heads, kv_heads, head_dim = head_counts(config)
+    return (len(layer_kinds(config)), int(config_value(config, "hidden")), heads, kv_heads, head_dim,
+            int(config_value(config, "intermediate")), int(config.vocab_size))
+
+
+def kv_bytes(config: Any, *, tokens: int, batch: int, b: int) -> int:
+    """Dense KV cache of ``batch`` sequences of ``tokens`` (the registry's per-token size)."""
+    return kv_cache_bytes_per_token(config, b) * tokens * batch
+
+
+def forward_bytes(config: Any, *, batch: int, seq_len: int, b: int, attn: str | None = None) -> int:
+    """One decoder layer's transient tensors in a no-grad forward (see ``layer_activation_bytes``)."""
+    return layer_activation_bytes(config, batch=batch, seq_len=seq_len, bytes_per_element=b, attn=attn)
+
+
+def training_saved_bytes_per_token(config: Any, *, b: int, lora_rank: int | None, adapted: set[str],
+                                   adapter_b: int, full_kinds: set[str]) -> int:
+    """Bytes one decoder layer keeps for the backward pass per token (Llama-style layer, sdpa attention).
+
+    - two RMSNorms: each keeps its fp32 input (the residual stream itself in fp32) and its output (the input of
+      the projections that follow, kept for their weight gradients);
+    - attention: RoPE'd q and k, v, the attention output and its contiguous copy (o_proj's input), the fp32
+      log-sum-exp per head;
+    - MLP: gate, up, act(gate) and act(gate)·up (down_proj's input);
+    - LoRA: each adapter's rank-r intermediate and, when the adapters' dtype differs from the model's (peft keeps
+      adapters in fp32 on a bf16 model), the adapter's own fp32 copy of its input.
+    """
+    _, hidden, heads, kv_heads, head_dim, inter, _ = dims(config)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    total = 2 * hidden * 4 + 2 * hidden * b
+    total += (3 * q + 2 * kv) * b + heads * 4
+    total += 4 * inter * b
+    inputs = {"q": hidden, "k": hidden, "v": hidden, "o": q, "gate": hidden, "up": hidden, "down": inter}
+    if lora_rank:
+        for name in adapted:
+            total += lora_rank * adapter_b
+            if adapter_b != b:
+                total += inputs[name] * adapter_b
+    return total
+
+
+ATTENTION_PROJ = ("q", "k", "v", "o")
+MLP_PROJ = ("gate", "up", "down")
+
+
+def lora_params(config: Any, rank: int, kinds: list[str]) -> tuple[int, set[str]]:
+    """(LoRA parameters, adapted projection names) for LoRA of ``rank`` on the attention / MLP projections."""
+    n_layers, hidden, heads, kv_heads, head_dim, inter, _ = dims(config)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = {"q": (hidden, q), "k": (hidden, kv), "v": (hidden, kv), "o": (q, hidden),
+              "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+    adapted: set[str] = set()
+    if "attention" in kinds:
+        adapted |= set(ATTENTION_PROJ)
+    if "mlp" in kinds:
+        adapted |= set(MLP_PROJ)
+    per_layer = sum(rank * (shapes[n][0] + shapes[n][1]) for n in adapted)
+    return n_layers * per_layer, adapted
+
+
+def loss_bytes(tokens: int, vocab: int, b: int) -> int:
+    """The LM head and cross-entropy of ``tokens`` positions around the backward pass: logits (model dtype),
+    fp32 log-softmax, its gradient, the logits' fp32 gradient and (bf16/fp16) its cast back."""
+    return tokens * vocab * (b + 4 + 4 + 4 + (b if b != 4 else 0))
+
+
+def tokenize_bytes(chars: int, chars_per_token: float) -> int:
+    """A fast tokenizer's memory for ``chars`` characters tokenized in one call (see TOKENIZER_BYTES_PER_TOKEN)."""
+    return int(chars / max(chars_per_token, 1e-9) * TOKENIZER_BYTES_PER_TOKEN) + chars
+
+
+__all__ = ["Phase", "peak", "weight_bytes", "largest_tensor", "dims", "kv_bytes", "forward_bytes",
+           "training_saved_bytes_per_token", "lora_params", "loss_bytes", "tokenize_bytes"]
