@@ -8,6 +8,7 @@ import typer
 
 from seqtool.cli import common
 from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, offload_option
 from seqtool.utils import parse_length_list
 
 
@@ -88,6 +89,8 @@ def register(app: typer.Typer) -> None:
         recall: Annotated[bool, typer.Option("--recall", help="With --attn (or a patched checkpoint): attention recall of the patch on the retrieval prompts (answer / all queries).")] = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Measure held-out perplexity and retrieval accuracy at one or more context lengths.
@@ -103,7 +106,7 @@ def register(app: typer.Typer) -> None:
         seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)
         from seqtool.eval import evaluate
 
-        with ExitStack() as stack:
+        with offload_option(device_map, max_memory, model, compare), ExitStack() as stack:
             result = evaluate(model, task, seq_lens=seq_lens, samples=samples,
                               depths=depth_list, seed=seed, batch=batch, attn=attn, data=data, stride=stride,
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,
