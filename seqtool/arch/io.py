@@ -199,6 +199,8 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
                 raise BadInputError(f"cannot load the weights of '{resolved}': {_first_line(exc)}") from None
             if folder is not None:
                 offload.attach_folder(model, folder)
+                placed = offload.placement_summary(model)
+                notice("device map: " + ", ".join(f"{n} module group(s) on {d}" for d, n in placed.items()))
         model.eval()
         tokenizer = _load_tokenizer(resolved)
         loaded = LoadedModel(model, tokenizer, source, path=resolved, recipe=recipe_mod.read(model.config),

@@ -143,6 +143,11 @@ def active() -> Offload | None:
 
 def load_kwargs(setting: Offload, dtype_size: int | None = None) -> tuple[dict, str]:
     """``from_pretrained`` keyword arguments for ``setting`` and the offload folder they use (a new temp dir)."""
+    import logging
+
+    # accelerate warns "Some parameters are on the meta device because they were offloaded" on every such load;
+    # seqtool reports the placement itself (load_model's notice)
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     folder = tempfile.mkdtemp(prefix="seqtool-offload-")
     setting._dirs.append(folder)
     kwargs: dict = {"device_map": setting.device_map, "offload_folder": folder}

@@ -217,6 +217,12 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                                 seq_len=seq_len, force=force, in_place=in_place, dtype=dtype, device=device)
     if recover is not None and recover not in ("lora", "full", "distill"):
         raise BadInputError(f"unknown recovery '{recover}'; use lora, full or distill, or leave it out")
+    from seqtool.arch import offload
+
+    if stream is False and offload.active() is not None:
+        raise BadInputError(f"{'prune' if to == 'prune' else f'convert --to {to}'} cannot rewrite the weights of a "
+                            "model offloaded with --device-map/--max-memory in place; drop --no-stream (it then "
+                            "streams the rewrite) or those options")
     if stream is not False:
         from seqtool.convert.streamed import convert_stream_or_none
 

@@ -64,23 +64,24 @@ def test_eval_ppl_offloaded_equals_full(tiny_dir):
 
 
 def test_patch_offloaded_writes_the_same_checkpoint(tiny_dir, tmp_path):
+    """The patch (and its --report probe, run on the disk-offloaded model) works offloaded; the written checkpoint
+    equals the fully loaded run's."""
+    import json
+
     from seqtool.arch.stream import SafetensorsSource
 
     outs = []
-    for name, extra in (("full", []), ("off", ["--max-memory", SMALL])):
+    for name, extra in (("full", []), ("off", ["--report", "--probe-tokens", "128", "--max-memory", SMALL])):
         out = tmp_path / name
         result = CliRunner().invoke(app, ["patch", str(tiny_dir), "--method", "block_topk", "--budget", "0.25",
-                                          "--set", "min_len=0", "--report", "--probe-tokens", "128", "-o", str(out),
-                                          *extra, "--json"])
+                                          "--set", "min_len=0", "-o", str(out), *extra, "--json"])
         assert result.exit_code == 0, result.output
-        outs.append((out, result.stdout))
-    a, b = SafetensorsSource(outs[0][0]), SafetensorsSource(outs[1][0])
+        outs.append(json.loads(result.stdout[result.stdout.index("{"):]))
+    a, b = SafetensorsSource(tmp_path / "full"), SafetensorsSource(tmp_path / "off")
     assert sorted(a.names()) == sorted(b.names())
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
-    import json
-
-    rep = [json.loads(s[s.index("{"):])["report"] for _, s in outs]
-    assert rep[0]["recall_answer"] == pytest.approx(rep[1]["recall_answer"], abs=1e-5)
+    report = outs[1]["report"]
+    assert 0 < report["recall_answer"] < 1 and 0 < report["keys_computed"] < 1  # the sparse patch ran
 
 
 def test_prune_calibration_hooks_see_offloaded_weights(tiny_dir):
@@ -102,7 +103,7 @@ def test_prune_calibration_hooks_see_offloaded_weights(tiny_dir):
     (["eval", "{dir}", "--device-map", "balanced"], "unknown --device-map"),
     (["profile", "tiny-llama", "--max-memory", "cpu=8MB"], "need a checkpoint directory"),
     (["convert", "{dir}", "--to", "gqa", "--kv-heads", "2", "--no-stream", "--max-memory", SMALL, "-o", "{out}"],
-     "cannot run on a model offloaded"),
+     "cannot rewrite the weights of a model offloaded"),
 ])
 def test_bad_offload_options(tiny_dir, tmp_path, args, fragment):
     args = [a.format(dir=tiny_dir, out=tmp_path / "out") for a in args]
