@@ -138,7 +138,8 @@ def _auto_dtype(config: dict, device: torch.device) -> torch.dtype:
 
 def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                device_map: str | dict | None = None, attn: str | None = None, meta: bool = False,
-               apply_recipe: bool = True, allow_missing: bool = False) -> LoadedModel:
+               apply_recipe: bool = True, allow_missing: bool = False,
+               max_memory: str | dict | None = None) -> LoadedModel:
     """Load a causal LM from a local directory, a preset or a cached hub id.
 
     ``meta=True`` builds the model on the meta device (shapes only, nothing allocated). ``attn`` is an attention
@@ -146,13 +147,26 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
     recorded in the checkpoint's recipe are re-applied unless ``apply_recipe=False``. A checkpoint directory is
     checked before any weight is read (:func:`check_weight_files`, :func:`check_weights_match`): missing or
     unexpected tensors are an error unless ``allow_missing=True`` (missing ones are then random).
+    ``device_map="auto"`` and/or ``max_memory`` (``"cpu=8GB"`` or a dict) place the layers with accelerate and
+    offload what does not fit to disk (:mod:`seqtool.arch.offload`; the default is the enclosing
+    :func:`seqtool.arch.offload.offloading` block's setting).
     """
     import seqtool.models  # noqa: F401  (registers seqtool's own model classes with Auto*)
+    from seqtool.arch import offload
+
+    offload_setting = None
+    if device_map == "auto" or max_memory:
+        offload_setting = offload.make_offload(device_map, max_memory)
+    elif device_map is None and not meta:
+        offload_setting = offload.active()
 
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device if device_map is None else "auto")
     resolved = resolve_source(source)
     quiet_hf_progress()
+    if offload_setting is not None and not isinstance(resolved, Path):
+        raise BadInputError(f"--device-map/--max-memory need a checkpoint directory, not the preset '{source}' "
+                            f"(write it with `seqtool zoo save {source} -o DIR`)")
     if isinstance(resolved, str):
         model, tokenizer = presets.build_preset(resolved, dtype=torch_dtype, device=target, meta=meta)
         loaded = LoadedModel(model, tokenizer, source, source_dtype=next(model.parameters()).dtype)
@@ -171,15 +185,22 @@ def load_model(source: str, *, dtype: str | torch.dtype | None = "auto", device:
             model = shapes
         else:
             del shapes
+            placement, folder = {"device_map": device_map if device_map is not None else target}, None
+            if offload_setting is not None:
+                placement, folder = offload.load_kwargs(offload_setting)
             try:
                 model = AutoModelForCausalLM.from_pretrained(
                     resolved, config=hf_config, dtype=torch_dtype, local_files_only=True, trust_remote_code=False,
-                    use_safetensors=True, device_map=device_map if device_map is not None else target,
+                    use_safetensors=True, **placement,
                 )
             except (OSError, ValueError, RuntimeError) as exc:
                 if "out of memory" in str(exc).lower():
                     raise
                 raise BadInputError(f"cannot load the weights of '{resolved}': {_first_line(exc)}") from None
+            if folder is not None:
+                offload.attach_folder(model, folder)
+                placed = offload.placement_summary(model)
+                notice("device map: " + ", ".join(f"{n} module group(s) on {d}" for d, n in placed.items()))
         model.eval()
         tokenizer = _load_tokenizer(resolved)
         loaded = LoadedModel(model, tokenizer, source, path=resolved, recipe=recipe_mod.read(model.config),

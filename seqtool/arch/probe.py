@@ -27,7 +27,8 @@ def copy_probe_ids(vocab_size: int, length: int, batch: int, seed: int, bos: int
 def attention_maps(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer ``(B, Hq, T, T)`` fp32 attention probabilities of ``model`` on ``ids`` (eager attention)."""
     previous = model.config._attn_implementation
-    device = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    device = input_device(model)
     try:
         model.set_attn_implementation("eager")
         with torch.no_grad():

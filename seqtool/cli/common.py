@@ -27,6 +27,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output checkpoint directory.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Overwrite the input checkpoint (safely, via a backup).")]
+StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Rewrite a checkpoint directory shard by shard, one layer in memory (default: only when the model would not fit in memory; docs/big_models.md).", show_default=False)]
+MaxShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard written, e.g. 2GB, 500MiB.")]
+DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="auto: place layers with accelerate within --max-memory, the rest offloaded to disk (docs/big_models.md).", show_default=False)]
+MaxMemoryOpt = Annotated[str | None, typer.Option("--max-memory", help="Per-device budget for --device-map auto, e.g. cpu=8GB or cuda:0=20GB,cpu=30GB.", show_default=False)]
 AttnOpt = Annotated[str | None, typer.Option("--attn", help="Attention: sdpa|eager or a seqtool patch spec, e.g. block_topk:budget=0.25,min_len=0.", show_default=False)]
 
 _state = {"quiet": False}
@@ -159,6 +163,29 @@ def check_output(model: str, output: str | None, *, in_place: bool, force: bool)
     source_dir = resolved if isinstance(resolved, Path) else None
     prepare_output(target, force=force, in_place=in_place, source_dir=source_dir, source=model)
     return target
+
+
+def offload_option(device_map: str | None, max_memory: str | None, *models: str | None):
+    """A context for the command's library call: ``load_model`` inside it places weights with accelerate as
+    ``--device-map/--max-memory`` say (a no-op when neither is given); bad values, and ``models`` that are
+    presets (built in memory, nothing to offload), are one-line errors before any work."""
+    from seqtool.arch.offload import make_offload, offloading
+
+    setting = make_offload(device_map, max_memory)
+    if setting is not None:
+        from seqtool.zoo.presets import is_preset
+
+        for model in models:
+            if model is not None and is_preset(model):
+                _preset_error(model)
+    return offloading(setting)
+
+
+def _preset_error(model: str):
+    from seqtool.errors import BadInputError
+
+    raise BadInputError(f"--device-map/--max-memory need a checkpoint directory, not the preset '{model}' "
+                        f"(write it with `seqtool zoo save {model} -o DIR`)")
 
 
 def to_jsonable(value: Any) -> Any:

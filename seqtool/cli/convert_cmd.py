@@ -8,6 +8,7 @@ import typer
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
                                 check_output, emit, handle_errors, is_quiet, table, working)
 from seqtool.cli.dry_run import DryRunOpt
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, MaxShardOpt, StreamOpt, offload_option
 from seqtool.errors import BadInputError
 from seqtool.utils import format_bytes, format_count
 
@@ -112,6 +113,10 @@ def register(app: typer.Typer) -> None:
         in_place: InPlaceOpt = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        stream: StreamOpt = None,
+        max_shard_size: MaxShardOpt = "2GB",
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         json_out: JsonOpt = False,
         dry_run: DryRunOpt = False,
     ) -> None:
@@ -125,6 +130,7 @@ def register(app: typer.Typer) -> None:
           seqtool convert ref --to bam --experts 2 --attention-experts kv-shared -o ref-bam
           seqtool convert ref --to hybrid --mixer mamba2 --keep-attention 0.5 -o ref-hybrid
           seqtool convert ./llama --to hybrid --attention-layers 0,3 -o ./llama-hybrid
+          seqtool convert ./llama-8b --to gqa --kv-heads 4 --stream --max-shard-size 1GB -o ./llama-8b-gqa4
         """
         check_model(model)  # validation follows the command line: model, --to, options, output
         if to not in CONVERSION_NAMES:
@@ -158,9 +164,9 @@ def register(app: typer.Typer) -> None:
         out = resolve_output(model, output, in_place, force)
         if to == "hybrid" and run_dir is None and not (steps1 == 0 and steps2 == 0):
             run_dir = f"{str(out).rstrip('/')}.run"  # the two distillation stages' checkpoints
-        with working(f"converting {model} -> {to}"):
+        with working(f"converting {model} -> {to}"), offload_option(device_map, max_memory, model):
             result = convert(model, to, output=out, calib=calib, samples=samples, seq_len=seq_len or 128, seed=seed,
                              recover=recover, steps=steps, run_dir=run_dir, resume=resume,
                              progress="off" if is_quiet() else "auto", force=force, in_place=in_place, dtype=dtype,
-                             device=device, **options)
+                             device=device, stream=stream, max_shard_size=max_shard_size, **options)
         emit(result, json_out, render)

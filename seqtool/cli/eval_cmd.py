@@ -10,6 +10,7 @@ from seqtool.cli import common
 from seqtool.cli.common import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, check_model, emit, handle_errors, table
 from seqtool.cli.gates import FailUnderOpt, check_gates, parse_gates
 from seqtool.cli.dry_run import DryRunOpt
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, offload_option
 from seqtool.utils import parse_length_list
 
 
@@ -91,6 +92,8 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
         fail_under: FailUnderOpt = None,
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         json_out: JsonOpt = False,
         dry_run: DryRunOpt = False,
     ) -> None:
@@ -115,7 +118,7 @@ def register(app: typer.Typer) -> None:
         seq_lens, depth_list = parse_length_list(seq_len), _floats(depths)
         from seqtool.eval import evaluate
 
-        with ExitStack() as stack:
+        with offload_option(device_map, max_memory, model, compare), ExitStack() as stack:
             result = evaluate(model, task, seq_lens=seq_lens, samples=samples,
                               depths=depth_list, seed=seed, batch=batch, attn=attn, data=data, stride=stride,
                               ppl_tokens=ppl_tokens or None, dtype=dtype, device=device, compare=compare,

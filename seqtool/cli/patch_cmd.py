@@ -7,6 +7,7 @@ import typer
 
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
                                 check_output, emit, handle_errors, table, working)
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, offload_option
 from seqtool.errors import BadInputError
 
 
@@ -45,6 +46,8 @@ def register(app: typer.Typer) -> None:
         in_place: InPlaceOpt = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Write a checkpoint that runs a training-free sparse attention patch when loaded with seqtool.
@@ -59,7 +62,7 @@ def register(app: typer.Typer) -> None:
         check_output(model, output, in_place=in_place, force=force)
         from seqtool.patches.checkpoint import patch_checkpoint
 
-        with working(f"patching {model} with {method}"):
+        with offload_option(device_map, max_memory, model), working(f"patching {model} with {method}"):
             result = patch_checkpoint(model, method, budget=budget, dense_layers=dense_layers, set_options=set_,
                                       output=output, force=force, in_place=in_place, report=report,
                                       probe_tokens=probe_tokens, dtype=dtype, device=device)

@@ -9,6 +9,7 @@ from seqtool.cli.common import (AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg,
                                 log, progress)
 from seqtool.cli.gates import FailOverOpt, check_gates, parse_gates
 from seqtool.cli.dry_run import DryRunOpt
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, offload_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +23,8 @@ def register(app: typer.Typer) -> None:
         decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Tokens decoded with the KV cache after the prefill.")] = 32,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed prefills (each with 2 decode steps) first.")] = 1,
         repeats: Annotated[int, typer.Option("--repeats", help="Timed prefills per length (median and p90 over them).")] = 3,
         attn: AttnOpt = None,
@@ -74,7 +77,7 @@ def register(app: typer.Typer) -> None:
             check_output_path(plot_path, "--plot")
             require_matplotlib()
         n_lengths = len(parse_length_list(sweep)) if sweep else 1
-        with progress("profiling", total=n_lengths * (2 if compare else 1)) as advance:
+        with offload_option(device_map, max_memory, model, compare), progress("profiling", total=n_lengths * (2 if compare else 1)) as advance:
             def on_row(source, row):
                 advance(1)
                 status = row.status if row.status != "ok" else f"prefill {row.prefill_median_s:.3g} s"

@@ -8,6 +8,7 @@ import typer
 from seqtool.cli.common import (DeviceOpt, DtypeOpt, ForceOpt, InPlaceOpt, JsonOpt, ModelArg, OutputOpt, check_model,
                                 emit, handle_errors, is_quiet, working)
 from seqtool.cli.dry_run import DryRunOpt
+from seqtool.cli.common import DeviceMapOpt, MaxMemoryOpt, MaxShardOpt, StreamOpt, offload_option
 from seqtool.errors import BadInputError
 from seqtool.cli.convert_cmd import (CalibOpt, RecoverOpt, ResumeOpt, RunDirOpt, SamplesOpt, SeedOpt, SeqLenOpt,
                                      StepsOpt, render, resolve_output)
@@ -36,6 +37,10 @@ def register(app: typer.Typer) -> None:
         in_place: InPlaceOpt = False,
         dtype: DtypeOpt = "auto",
         device: DeviceOpt = "auto",
+        stream: StreamOpt = None,
+        max_shard_size: MaxShardOpt = "2GB",
+        device_map: DeviceMapOpt = None,
+        max_memory: MaxMemoryOpt = None,
         json_out: JsonOpt = False,
         dry_run: DryRunOpt = False,
     ) -> None:
@@ -44,6 +49,7 @@ def register(app: typer.Typer) -> None:
         Examples:
           seqtool prune ref --ratio 0.3 -o ref-pruned
           seqtool prune ./llama --ratio 0.2 --round-to 64 --recover lora --steps 200 -o ./llama-p20
+          seqtool prune ./llama-8b --ratio 0.2 --stream --max-memory cpu=4GB -o ./llama-8b-p20
         """
         check_model(model)
         if ratio == 0:
@@ -62,10 +68,10 @@ def register(app: typer.Typer) -> None:
         out = resolve_output(model, output, in_place, force)
         from seqtool.convert.prune import prune_model
 
-        with working(f"pruning {ratio:g} of {model} ({criterion})"):
+        with working(f"pruning {ratio:g} of {model} ({criterion})"), offload_option(device_map, max_memory, model):
             result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,
                                  gqa_unit=gqa_unit, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                                  recover=recover, steps=steps, run_dir=run_dir, resume=resume,
                                  progress="off" if is_quiet() else "auto", force=force, in_place=in_place,
-                                 dtype=dtype, device=device)
+                                 dtype=dtype, device=device, stream=stream, max_shard_size=max_shard_size)
         emit(result, json_out, render)

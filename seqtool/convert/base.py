@@ -180,7 +180,7 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
             recover: str | None = None, steps: int | None = None, recover_options: dict | None = None,
             run_dir: str | Path | None = None, resume: bool = False, progress: str = "off",
             force: bool = False, in_place: bool = False, dtype: str = "auto", device: str = "auto",
-            **options: Any) -> ConvertResult:
+            stream: bool | None = False, max_shard_size: str | int = "2GB", **options: Any) -> ConvertResult:
     """Apply registered conversion ``to`` (``gqa``, ``prune``, ...) to ``model`` and optionally save it.
 
     ``model`` is a path / preset name / LoadedModel / transformers model (converted in place). Calibration uses
@@ -189,12 +189,17 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     format under ``output/lora_adapter``; ``"full"`` trains the modules the conversion changed, ``"distill"`` the
     same with KL to the unconverted model (see :mod:`seqtool.convert.recover`; ``steps`` None = the mode's
     default; ``run_dir``/``resume`` make the recovery resumable). Conversion-specific ``options`` go to the
-    conversion's dataclass.
+    conversion's dataclass. ``stream=True`` rewrites a checkpoint directory into ``output`` one layer at a time
+    (:mod:`seqtool.convert.streamed`; ``result.model`` is then None), ``None`` streams only when the model would
+    not fit in memory; ``max_shard_size`` caps the written safetensors shards.
     """
     from seqtool.arch.io import ADAPTER_TMP_PREFIX, temp_name
     from seqtool.convert import calib as calib_mod
 
+    from seqtool.arch.offload import parse_size
+
     started = time.perf_counter()
+    max_shard_size = parse_size(max_shard_size, "--max-shard-size")
     load_conversions()
     fields = {f.name for f in dataclasses.fields(CONVERSIONS[to])} if to in CONVERSIONS else set()
     if "seed" in fields:
@@ -212,6 +217,20 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                                 seq_len=seq_len, force=force, in_place=in_place, dtype=dtype, device=device)
     if recover is not None and recover not in ("lora", "full", "distill"):
         raise BadInputError(f"unknown recovery '{recover}'; use lora, full or distill, or leave it out")
+    from seqtool.arch import offload
+
+    if stream is False and offload.active() is not None:
+        raise BadInputError(f"{'prune' if to == 'prune' else f'convert --to {to}'} cannot rewrite the weights of a "
+                            "model offloaded with --device-map/--max-memory in place; drop --no-stream (it then "
+                            "streams the rewrite) or those options")
+    if stream is not False:
+        from seqtool.convert.streamed import convert_stream_or_none
+
+        result = convert_stream_or_none(conversion, model, output=output, stream=stream, recover=recover,
+                                        in_place=in_place, force=force, dtype=dtype, calib=calib, samples=samples,
+                                        seq_len=seq_len, seed=seed, max_shard_size=max_shard_size)
+        if result is not None:
+            return result
     from seqtool.arch.io import prepare_output, resolve_dtype, resolve_source
 
     save_dtype = resolve_dtype(dtype)
@@ -227,6 +246,9 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
     loaded = as_loaded(model, tokenizer, dtype=dtype, device=device, verb="convert")
     net = loaded.model
     spec = get_family(net)
+    from seqtool.arch.offload import require_not_offloaded
+
+    require_not_offloaded(net, f"convert --to {to}" if to != "prune" else "prune")
     conversion.check(net)
     before = shape_summary(net)
 
@@ -280,7 +302,8 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
 
         try:
             out_path = save_model(net, loaded.tokenizer, output, step=step, force=force, in_place=in_place,
-                                  source_dir=loaded.path, dtype=save_dtype or loaded.source_dtype)
+                                  source_dir=loaded.path, dtype=save_dtype or loaded.source_dtype,
+                                  max_shard_size=max_shard_size)
             if adapter_tmp is not None:
                 shutil.move(str(adapter_tmp), str(out_path / ADAPTER_DIR))
                 apply_umask(out_path / ADAPTER_DIR)

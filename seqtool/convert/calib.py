@@ -59,7 +59,8 @@ def calibration_ids(tokenizer, *, path: str | Path | None = None, samples: int =
 @torch.no_grad()
 def run_batches(model, ids: torch.Tensor, batch_size: int = 8) -> None:
     """Forward ``ids`` (N, T) through ``model`` in batches (hooks collect what they need); logits are discarded."""
-    device = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    device = input_device(model)
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size].to(device)
         # logits_to_keep=1: the LM head over the whole sequence is wasted work for calibration.

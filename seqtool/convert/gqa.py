@@ -70,26 +70,53 @@ class GQAConversion(Conversion):
         if self.kv_heads == kv:  # nothing to merge: the checkpoint is returned unchanged (exact case)
             return {**details, "groups": None}
         spec = get_family(model)
-        r = kv // self.kv_heads
         stats = collect_kv_gram(model, calib_ids) if self.grouping == "key" else None
-        all_groups = []
-        for i, layer in enumerate(decoder_layers(model)):
-            attn = getattr(layer, spec.attention)
-            w = read_attention(attn, spec, heads, head_dim)
-            if stats is None:
-                groups = [list(range(g * r, (g + 1) * r)) for g in range(self.kv_heads)]
-                k_scale = v_scale = torch.ones(kv, dtype=torch.float64)
-            else:
-                gram_k, gram_v, n_tok = stats[i]
-                groups = best_partition(correlation(gram_k) + correlation(gram_v), r)
-                k_scale = pooling_scales(gram_k, groups, n_tok)
-                v_scale = pooling_scales(gram_v, groups, n_tok)
-                if spec.qk_norms:  # k_norm re-normalises every key and q_norm hides per-head query scales
-                    k_scale = torch.ones(kv, dtype=torch.float64)
-            write_attention(attn, spec, merge_heads(w, groups, head_dim, heads // kv, k_scale, v_scale))
-            all_groups.append(groups)
+        all_groups = [self.merge_layer(layer, spec, heads, kv, head_dim, None if stats is None else stats[i])
+                      for i, layer in enumerate(decoder_layers(model))]
         set_shape(model, heads=heads, kv_heads=self.kv_heads, head_dim=head_dim)
         return {**details, "groups": all_groups}
+
+    def merge_layer(self, layer: nn.Module, spec, heads: int, kv: int, head_dim: int,
+                    stats: tuple[torch.Tensor, torch.Tensor, int] | None) -> list[list[int]]:
+        """Rewrite one decoder layer's attention in place (``stats``: its K/V Gram matrices for ``key``
+        grouping, None for ``mean``); returns the groups of old KV heads."""
+        attn = getattr(layer, spec.attention)
+        r = kv // self.kv_heads
+        w = read_attention(attn, spec, heads, head_dim)
+        if stats is None:
+            groups = [list(range(g * r, (g + 1) * r)) for g in range(self.kv_heads)]
+            k_scale = v_scale = torch.ones(kv, dtype=torch.float64)
+        else:
+            gram_k, gram_v, n_tok = stats
+            groups = best_partition(correlation(gram_k) + correlation(gram_v), r)
+            k_scale = pooling_scales(gram_k, groups, n_tok)
+            v_scale = pooling_scales(gram_v, groups, n_tok)
+            if spec.qk_norms:  # k_norm re-normalises every key and q_norm hides per-head query scales
+                k_scale = torch.ones(kv, dtype=torch.float64)
+        write_attention(attn, spec, merge_heads(w, groups, head_dim, heads // kv, k_scale, v_scale))
+        return groups
+
+    def stream_rewrite(self, model: nn.Module, calib_ids: torch.Tensor | None):
+        """The streamed form of :meth:`apply` (:mod:`seqtool.convert.streamed`): ``model`` is the source model
+        (meta, or loaded offloaded when ``key`` grouping calibrates on it). Returns (rewrite layer i in place,
+        set the output shape on a model, details once every layer is done)."""
+        spec = get_family(model)
+        heads, kv, head_dim = head_counts(model.config)
+        stats = collect_kv_gram(model, calib_ids) if self.grouping == "key" and self.kv_heads != kv else None
+        groups: dict[int, list] = {}
+
+        def rewrite(i: int, layer: nn.Module) -> None:
+            if self.kv_heads != kv:
+                groups[i] = self.merge_layer(layer, spec, heads, kv, head_dim, None if stats is None else stats[i])
+
+        def reshape(target: nn.Module) -> None:
+            set_shape(target, heads=heads, kv_heads=self.kv_heads, head_dim=head_dim)
+
+        def details() -> dict:
+            base = {"method": f"gqa-{self.grouping}", "from_kv_heads": kv, "kv_heads": self.kv_heads}
+            return {**base, "groups": [groups[i] for i in sorted(groups)] if groups else None}
+
+        return rewrite, reshape, details
 
 
 def merge_heads(w: AttnWeights, groups: list[list[int]], head_dim: int, q_per_kv: int,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from seqtool.arch.offload import module_weights
 from seqtool.arch.registry import decoder_layers, get_family, head_counts, require_plain_layers
 from seqtool.convert.base import Conversion, ConvertResult, convert, register
 from seqtool.convert.calib import run_batches
@@ -155,10 +156,11 @@ def amp_scores(model: nn.Module, ids: torch.Tensor, token_chunk: int = 2048) -> 
     def o_hook(i: int, o_proj: nn.Linear):
         def hook(_module, args):
             x = args[0].reshape(-1, heads, head_dim)
-            w_o = o_proj.weight.reshape(o_proj.weight.shape[0], heads, head_dim)
-            for s in range(0, x.shape[0], token_chunk):
-                contrib = torch.einsum("nhd,ohd->nho", x[s:s + token_chunk].float(), w_o.float())
-                sums[i][0] += contrib.abs().sum(-1).sum(0).double().cpu()
+            with module_weights(o_proj):  # accelerate-offloaded weights are loaded only inside its own forward
+                w_o = o_proj.weight.reshape(o_proj.weight.shape[0], heads, head_dim).to(x.device)
+                for s in range(0, x.shape[0], token_chunk):
+                    contrib = torch.einsum("nhd,ohd->nho", x[s:s + token_chunk].float(), w_o.float())
+                    sums[i][0] += contrib.abs().sum(-1).sum(0).double().cpu()
             sums[i][2] += x.shape[0]
         return hook
 
@@ -186,25 +188,27 @@ def magnitude_scores(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor,
     included) and each channel's (gate + up rows, down column) weights."""
     spec = get_family(model)
     heads, _, head_dim = head_counts(model.config)
-    out = []
-    for layer in decoder_layers(model):
-        w = read_attention(getattr(layer, spec.attention), spec, heads, head_dim)
-        m = read_mlp(getattr(layer, spec.mlp), spec)
+    return [layer_magnitude(layer, spec, heads, head_dim) for layer in decoder_layers(model)]
 
-        def per_head(t: torch.Tensor | None, rows_dim: int = 0) -> torch.Tensor:
-            if t is None:
-                return 0
-            t = t.float() if rows_dim == 0 else t.float().T
-            return t.reshape(-1, head_dim, *t.shape[1:]).pow(2).flatten(1).sum(1)
 
-        q = per_head(w.q) + per_head(w.o, rows_dim=1) + per_head(w.q_bias)
-        kv = per_head(w.k) + per_head(w.v) + per_head(w.k_bias) + per_head(w.v_bias)
-        ch = m.gate.float().pow(2).sum(1) + m.up.float().pow(2).sum(1) + m.down.float().pow(2).sum(0)
-        for b in (m.gate_bias, m.up_bias):
-            if b is not None:
-                ch = ch + b.float().pow(2)
-        out.append((q.double().cpu(), kv.double().cpu(), ch.double().cpu()))
-    return out
+def layer_magnitude(layer: nn.Module, spec, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`magnitude_scores` of one decoder layer: (query heads (Hq,), KV heads (Hkv,), channels (I,))."""
+    w = read_attention(getattr(layer, spec.attention), spec, heads, head_dim)
+    m = read_mlp(getattr(layer, spec.mlp), spec)
+
+    def per_head(t: torch.Tensor | None, rows_dim: int = 0) -> torch.Tensor:
+        if t is None:
+            return 0
+        t = t.float() if rows_dim == 0 else t.float().T
+        return t.reshape(-1, head_dim, *t.shape[1:]).pow(2).flatten(1).sum(1)
+
+    q = per_head(w.q) + per_head(w.o, rows_dim=1) + per_head(w.q_bias)
+    kv = per_head(w.k) + per_head(w.v) + per_head(w.k_bias) + per_head(w.v_bias)
+    ch = m.gate.float().pow(2).sum(1) + m.up.float().pow(2).sum(1) + m.down.float().pow(2).sum(0)
+    for b in (m.gate_bias, m.up_bias):
+        if b is not None:
+            ch = ch + b.float().pow(2)
+    return q.double().cpu(), kv.double().cpu(), ch.double().cpu()
 
 
 # ---------------------------------------------------------------------------------------------- slicing
@@ -304,20 +308,58 @@ class PruneConversion(Conversion):
             gen = torch.Generator().manual_seed(self.seed)
             scores = [(torch.rand(heads, generator=gen, dtype=torch.float64), None,
                        torch.rand(inter, generator=gen, dtype=torch.float64)) for _ in range(n_layers)]
-        removed_heads = []
-        for layer, (q_s, kv_s, ch_s) in zip(decoder_layers(model), scores):
-            attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-            kept_q, kept_kv = choose_heads(plan, q_s, kv_s, heads, kv)
-            dropped_c = set(_lowest(ch_s, plan.channels_removed))
-            write_attention(attn, spec, slice_attention(read_attention(attn, spec, heads, head_dim), kept_q,
-                                                        kept_kv, head_dim))
-            write_mlp(mlp, spec, slice_mlp(read_mlp(mlp, spec), [c for c in range(inter) if c not in dropped_c]))
-            removed_heads.append([h for h in range(heads) if h not in kept_q])
+        removed_heads = [prune_layer(layer, spec, plan, layer_scores, heads, kv, head_dim, inter)
+                         for layer, layer_scores in zip(decoder_layers(model), scores)]
         set_shape(model, heads=plan.heads, kv_heads=plan.kv_heads, head_dim=head_dim, intermediate=plan.intermediate)
-        return {"method": self.criterion, "heads": plan.heads, "kv_heads": plan.kv_heads,
-                "intermediate": plan.intermediate, "achieved_ratio": round(plan.expected_ratio, 6),
-                "unit": plan.unit, "units_removed": plan.units_removed, "channels_removed": plan.channels_removed,
-                "removed_heads": removed_heads}
+        return _details(self.criterion, plan, removed_heads)
+
+    def stream_rewrite(self, model: nn.Module, calib_ids: torch.Tensor | None):
+        """The streamed form of :meth:`apply` (:mod:`seqtool.convert.streamed`): ``model`` is the source model
+        (meta, or loaded offloaded for ``amp`` calibration). Returns (rewrite layer i in place, set the output
+        shape on a model, details once every layer is done); scores are the in-memory path's, layer by layer."""
+        spec = get_family(model)
+        heads, kv, head_dim, inter = current_shape(model)
+        plan = plan_prune(model, float(self.ratio), parse_targets(self.target), self.round_to, self.gqa_unit)
+        n_layers = len(decoder_layers(model))
+        scores: list | None = None
+        if self.criterion == "amp":
+            scores = [(q, None, c) for q, c in amp_scores(model, calib_ids)]
+        elif self.criterion == "random":
+            gen = torch.Generator().manual_seed(self.seed)
+            scores = [(torch.rand(heads, generator=gen, dtype=torch.float64), None,
+                       torch.rand(inter, generator=gen, dtype=torch.float64)) for _ in range(n_layers)]
+        removed: dict[int, list[int]] = {}
+
+        def rewrite(i: int, layer: nn.Module) -> None:
+            layer_scores = scores[i] if scores is not None else layer_magnitude(layer, spec, heads, head_dim)
+            removed[i] = prune_layer(layer, spec, plan, layer_scores, heads, kv, head_dim, inter)
+
+        def reshape(target: nn.Module) -> None:
+            set_shape(target, heads=plan.heads, kv_heads=plan.kv_heads, head_dim=head_dim,
+                      intermediate=plan.intermediate)
+
+        return rewrite, reshape, lambda: _details(self.criterion, plan, [removed[i] for i in sorted(removed)])
+
+
+def _details(criterion: str, plan: PrunePlan, removed_heads: list[list[int]]) -> dict:
+    return {"method": criterion, "heads": plan.heads, "kv_heads": plan.kv_heads,
+            "intermediate": plan.intermediate, "achieved_ratio": round(plan.expected_ratio, 6),
+            "unit": plan.unit, "units_removed": plan.units_removed, "channels_removed": plan.channels_removed,
+            "removed_heads": removed_heads}
+
+
+def prune_layer(layer: nn.Module, spec, plan: PrunePlan, scores: tuple, heads: int, kv: int, head_dim: int,
+                inter: int) -> list[int]:
+    """Slice one decoder layer in place by its ``scores`` (query-head (Hq,), KV-head (Hkv,) or None, channel
+    (I,)); returns the removed query heads."""
+    q_s, kv_s, ch_s = scores
+    attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+    kept_q, kept_kv = choose_heads(plan, q_s, kv_s, heads, kv)
+    dropped_c = set(_lowest(ch_s, plan.channels_removed))
+    write_attention(attn, spec, slice_attention(read_attention(attn, spec, heads, head_dim), kept_q,
+                                                kept_kv, head_dim))
+    write_mlp(mlp, spec, slice_mlp(read_mlp(mlp, spec), [c for c in range(inter) if c not in dropped_c]))
+    return [h for h in range(heads) if h not in kept_q]
 
 
 def prune_model(model, ratio: float, **options) -> ConvertResult:

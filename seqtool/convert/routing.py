@@ -39,7 +39,8 @@ def mean_mlp_inputs(model, ids: torch.Tensor, batch_size: int = 4) -> torch.Tens
 
     handles = [getattr(layer, spec.mlp).register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        device = next(model.parameters()).device
+        from seqtool.arch.offload import input_device
+        device = input_device(model)
         for start in range(0, ids.shape[0], batch_size):
             model(ids[start:start + batch_size].to(device))
     finally:

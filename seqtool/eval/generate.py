@@ -46,7 +46,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
     # transformers renamed `past_key_values` to `cache` (>= 5.2x); older 5.x only knows the old name.
     ckw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    dev = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    dev = input_device(model)
     n = len(prompts)
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     ids, mask = _pad_left(prompts, pad_id)

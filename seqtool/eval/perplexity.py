@@ -31,7 +31,8 @@ def sliding_window_ppl(model, token_ids: np.ndarray, seq_len: int, *, stride: in
     win = seq_len - lead
     if len(ids) < 2:
         raise BadInputError("the perplexity text has fewer than 2 tokens; pass a longer --data file")
-    dev = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    dev = input_device(model)
     total_nll, total_n, prev_end, begin = 0.0, 0, 0, 0
     while prev_end < len(ids):
         end = min(begin + win, len(ids))

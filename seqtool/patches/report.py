@@ -86,7 +86,8 @@ def patch_report(model: Any, method: str, options: dict[str, Any], *, probe_toke
                  tokenizer: Any = None, tail: int = 16) -> PatchReport:
     """Apply ``method`` to ``model``, read a probe (passkey with ``tokenizer``, else random tokens), measure
     recall and work, and restore the model."""
-    device = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    device = input_device(model)
     key = None
     if tokenizer is not None:
         ids_list, key = passkey_probe(tokenizer, probe_tokens, seed)

@@ -92,7 +92,8 @@ def measure_length(model, *, seq_len: int, batch: int, decode_tokens: int, warmu
     Memory covers warmup, timed prefills and decode (one cache alive at a time); KV bytes are summed from the
     cache after the prefill and after decoding; the breakdown (optional) is a separate profiled prefill.
     """
-    device = next(model.parameters()).device
+    from seqtool.arch.offload import input_device
+    device = input_device(model)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     watch = Stopwatch(clock, sync) if clock is not None else Stopwatch(sync=sync)
     session = Session(model, cache_factory or default_cache_factory())
