@@ -109,4 +109,36 @@ class Recycled(AttentionMethod):
                                                               q_full=call.q[:, :, -1].float())
 
     def make_cache_layer(self, runtime: Any) -> SeqtoolCacheLayer:
-        return SeqtoolCacheLayer(runtime)
+        return RecycledCacheLayer(runtime)
+
+
+class RecycledCacheLayer(SeqtoolCacheLayer):
+    """Keeps the recycled top-K through ``generate``'s batch operations (beams, several return sequences): the
+    rows' ``index`` / ``q_full`` follow the rows, so a reordered beam recycles its own top-K. An entry of a
+    padding group smaller than the batch is dropped (the next step is then a full step: exact, only slower)."""
+
+    _ROW_KEYS = ("index", "q_full")
+
+    def _carry(self, op) -> dict:
+        """The recycled entries covering every row, with ``op`` applied to their per-row tensors."""
+        batch = self.keys.shape[0] if self.is_initialized and self.keys is not None else -1
+        kept = {}
+        for key, entry in self.state.items():
+            if key[0] == "recycled" and all(entry[k].shape[0] == batch for k in self._ROW_KEYS if k in entry):
+                kept[key] = {k: op(v) if k in self._ROW_KEYS else v for k, v in entry.items()}
+        return kept
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        kept = self._carry(lambda t: t[indices.to(t.device)])
+        super().batch_select_indices(indices)
+        self.state = kept
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        kept = self._carry(lambda t: t.repeat_interleave(repeats, 0))
+        super().batch_repeat_interleave(repeats)
+        self.state = kept
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        kept = self._carry(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
+        self.state = kept

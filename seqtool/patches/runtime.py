@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,6 +29,8 @@ RUNTIME_ATTR = "_seqtool_runtime"
 HANDLE_ATTR = "_seqtool_patch"
 #: Options handled by the policy rather than by the method dataclass.
 POLICY_KEYS = ("dense_layers", "layers")
+#: A per-layer override in a spec / recipe: ``layer1.budget=0.5`` (``Policy.layer_options[1]["budget"]``).
+LAYER_KEY = re.compile(r"^layer(\d+)\.(\w+)$")
 
 
 # ---- policy -----------------------------------------------------------------------------------------------------
@@ -47,12 +50,27 @@ class Policy:
         return self.layers is None or layer_idx in self.layers
 
     def to_dict(self) -> dict[str, Any]:
+        """Flat options (JSON, spec): ``dense_layers``, ``layers`` and one ``layerN.key`` per layer override."""
         out: dict[str, Any] = {}
         if self.dense_layers:
             out["dense_layers"] = list(self.dense_layers)
         if self.layers is not None:
             out["layers"] = list(self.layers)
+        for idx in sorted(self.layer_options):
+            for key, value in self.layer_options[idx].items():
+                out[f"layer{idx}.{key}"] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _pop_layer_options(options: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Move ``layerN.key`` entries out of ``options`` into ``{N: {key: value}}``."""
+    out: dict[int, dict[str, Any]] = {}
+    for key in [k for k in options if isinstance(k, str) and LAYER_KEY.match(k)]:
+        idx, name = LAYER_KEY.match(key).groups()
+        if name in POLICY_KEYS:
+            raise BadInputError(f"'{key}': {name} is not a per-layer option")
+        out.setdefault(int(idx), {})[name] = options.pop(key)
+    return out
 
 
 def _int_tuple(value: Any, key: str) -> tuple[int, ...]:
@@ -365,10 +383,11 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     dense_layers = _int_tuple(options.pop("dense_layers", None), "dense_layers")
     layers = options.pop("layers", None)
     layers_t = _int_tuple(layers, "layers") if layers is not None else None
+    layer_options = _pop_layer_options(options)
     if policy is None:
-        policy = Policy(dense_layers=dense_layers, layers=layers_t)
-    elif dense_layers or layers_t is not None:
-        raise BadInputError("pass dense_layers/layers either as options or in the policy, not both")
+        policy = Policy(dense_layers=dense_layers, layers=layers_t, layer_options=layer_options)
+    elif dense_layers or layers_t is not None or layer_options:
+        raise BadInputError("pass dense_layers/layers/layerN.* either as options or in the policy, not both")
     base = build_method(method, options)
     previous = get_handle(model)
     if previous is not None:
@@ -378,9 +397,12 @@ def apply_patch(model: nn.Module, method: str, *, policy: Policy | None = None, 
     stored = base.options()
     register_attention()
     n_layers = len(decoder_layers(model))
-    for idx in (*policy.dense_layers, *(policy.layers or ())):
+    for idx in (*policy.dense_layers, *(policy.layers or ()), *policy.layer_options):
         if not 0 <= idx < n_layers:
             raise BadInputError(f"layer {idx} out of range; the model has {n_layers} layers (0..{n_layers - 1})")
+    for idx in policy.layer_options:
+        if not policy.is_patched(idx):
+            raise BadInputError(f"layer {idx} has per-layer options but runs dense (dense_layers / layers)")
     n_heads, _, _ = head_counts(model.config)
     dense_cls = get_method("dense")
     runtimes: dict[int, LayerRuntime] = {}

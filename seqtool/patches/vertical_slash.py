@@ -87,7 +87,7 @@ class VerticalSlash(AttentionMethod):
         vertical, slash = self.estimate(call)
         tokens = self.budget_rule.tokens(call.tk)
         n_bands_all = -(-call.tk // bs)
-        if self.budget_rule.is_full:  # every diagonal band covers every causal key
+        if tokens >= call.tk:  # full (or a budget above the keys): every diagonal band covers every causal key
             n_bands, n_cols = n_bands_all, 0
         else:
             n_bands = min(n_bands_all, max(1, math.ceil((1 - self.vertical_share) * tokens / bs)))

@@ -12,7 +12,23 @@ _MASKS: dict[int, torch.Tensor] = {}
 
 
 def tiny(name: str = "tiny-qwen2"):
+    """A tiny preset, or ``odd-D``: a Llama with 6 query heads over 3 KV heads and head_dim ``D`` (odd shapes)."""
+    if name.startswith("odd-"):
+        return odd_model(int(name[4:]))
     model, _ = build_preset(name, dtype=torch.float32)
+    return model.eval()
+
+
+def odd_model(head_dim: int = 16):
+    """2-layer Llama, 6 query heads / 3 KV heads (groups of 2, head counts not powers of two), ``head_dim``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+                         head_dim=head_dim, intermediate_size=128, vocab_size=260, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
 

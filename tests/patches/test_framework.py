@@ -10,7 +10,7 @@ from seqtool.errors import BadInputError
 from seqtool.kernels.testing import LargestTensorMode
 from seqtool.patches import (ATTN_NAME, Budget, apply_attn_spec, apply_patch, get_handle, make_cache,
                              parse_attn_spec, reapply_from_recipe)
-from seqtool.patches.runtime import RUNTIME_ATTR, seqtool_attention
+from seqtool.patches.runtime import RUNTIME_ATTR, Policy, seqtool_attention
 from seqtool.patches.streaming import StreamingCacheLayer
 
 from .helpers import tiny
@@ -119,6 +119,32 @@ def test_recipe_roundtrip():
     assert again.method == "streaming" and again.runtimes[1].method.name == "dense"
     assert again.runtimes[0].method.budget == 64 and again.spec == handle.spec
     again.remove()
+
+
+def test_layer_options_survive_save_and_reload(tmp_path):
+    import seqtool
+    from seqtool.patches.checkpoint import patch_checkpoint
+
+    model = tiny("tiny-llama")
+    handle = apply_patch(model, "block_topk", policy=Policy(layer_options={1: {"budget": 0.5, "block": 8}}),
+                         budget=0.25, block=16)
+    step = handle.recipe_step()
+    handle.remove()
+    assert "layer1.budget=0.5" in step["spec"]
+    again = reapply_from_recipe(model, [step])
+    assert again.policy.layer_options == {1: {"budget": 0.5, "block": 8}}
+    assert again.runtimes[1].method.budget == 0.5 and again.runtimes[1].method.block == 8
+    assert again.runtimes[0].method.budget == 0.25 and again.runtimes[0].method.block == 16
+    again.remove()
+    # the same through the CLI's path: --set layer1.budget=0.5, saved, loaded with seqtool.load
+    out = tmp_path / "p"
+    patch_checkpoint("tiny-llama", "block_topk", budget="0.25", set_options=["layer1.budget=0.5"], output=str(out))
+    loaded = get_handle(seqtool.load(str(out)).model)
+    assert loaded.runtimes[1].method.budget == 0.5 and loaded.runtimes[0].method.budget == 0.25
+    with pytest.raises(BadInputError, match="layer 7 out of range"):
+        apply_patch(model, "block_topk", **{"layer7.budget": 0.5})
+    with pytest.raises(BadInputError, match="runs dense"):
+        apply_patch(model, "block_topk", dense_layers=[1], **{"layer1.budget": 0.5})
 
 
 def test_mask_with_holes_is_rejected():

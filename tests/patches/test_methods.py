@@ -70,6 +70,24 @@ def test_full_budget_equals_dense(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_budget_above_the_length_is_exact_on_odd_shapes(case):
+    """A token budget larger than the sequence keeps every key: logits equal dense on 6 query / 3 KV heads,
+    head_dim 16, 300 tokens, batch 2 (vertical_slash once kept only part of the bands there)."""
+    model = tiny("odd-16")
+    ids = torch.randint(3, 250, (2, 300))
+    with torch.no_grad():
+        ref = model(ids).logits
+    opts = dict(case.options, min_len=0)
+    if case.name != "dense":
+        opts["budget"] = 1000
+    handle = apply_patch(model, case.name, **opts)
+    with torch.no_grad():
+        out = model(ids).logits
+    handle.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_budget_matches_masked_reference(case):
     model = tiny()
     ids = torch.randint(3, 250, (2, 160))
@@ -127,12 +145,12 @@ def test_padded_batch_equals_one_by_one(case):
         torch.testing.assert_close(batched[i : i + 1], single, atol=1e-4, rtol=1e-4)
 
 
-PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3"]
+PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "odd-24"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_every_family_prefill_and_decode(case, preset):
-    """Every method on every registry family (MHA and GQA, fused qkv for phi3): prefill then cached decode
-    equal the reference (recorded selections, or the full forward for evicting methods)."""
+    """Every method on every registry family (MHA and GQA, fused qkv for phi3) and on odd shapes (6 / 3 heads,
+    head_dim 24): prefill then cached decode equal the reference (recorded selections, or the full forward for evicting methods)."""
     check_decode_against_reference(case, tiny(preset), torch.randint(3, 250, (2, 100)), 94)
