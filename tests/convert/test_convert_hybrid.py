@@ -127,6 +127,7 @@ def test_cli_converts_reloads_generates_and_rejects_bad_input(tmp_path):
         (["--attention-layers", "0,2"], "attention layer 2 out of range"),
         (["--keep-attention", "0"], "needs at least one attention layer"),
         (["--attention-layers", ""], "needs at least one attention layer"),
+        (["--mixer", "linear", "--window", "0"], "window must be at least 1 token"),
     ]
     for extra, msg in cases:
         res = runner.invoke(app, ["convert", "tiny-llama", "--to", "hybrid", *extra, "-o", str(tmp_path / "x")])
