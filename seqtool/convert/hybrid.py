@@ -29,6 +29,7 @@ from seqtool.convert.hybrid_layers import LayerChoice, choose_layers, count_for_
 from seqtool.errors import BadInputError
 
 MIXERS = ("mamba2", "linear", "deltanet")
+INITS = ("attention", "random")
 DEFAULT_STEPS1 = 60
 DEFAULT_STEPS2 = 150
 DEFAULT_SEQ_LEN = 512
@@ -41,7 +42,8 @@ NATIVE_MIXERS = ("mamba2",)
 class HybridConversion(Conversion):
     """Options: ``mixer`` (mamba2|linear|deltanet), ``attention_layers`` (indices kept as attention, e.g. "0,3")
     or ``keep_attention`` (fraction of layers kept, ranked by retrieval score; default 0.25), ``seed`` (mixer init,
-    LoRA init, data order), ``window`` (``linear``: softmax window, tokens); distillation: ``steps1``/``steps2`` (0 skips a stage), ``lora_r``, ``train_seq_len``,
+    LoRA init, data order), ``window`` (``linear``: softmax window, tokens), ``init`` (``attention``: the
+    mixers' projections start from the attention weights; ``random``: they start random, an ablation); distillation: ``steps1``/``steps2`` (0 skips a stage), ``lora_r``, ``train_seq_len``,
     ``batch``, ``lr1``/``lr2``, ``data`` (None: built-in corpus), ``eval_rows`` (held-out rows for the before/after
     loss), ``run_dir`` (checkpoints; needed for ``resume``), ``progress``."""
 
@@ -50,6 +52,7 @@ class HybridConversion(Conversion):
     keep_attention: float | None = None
     seed: int = 0
     window: int = 64
+    init: str = "attention"
     # distillation (seqtool.convert.hybrid_distill); steps 0 skips a stage, both 0 = initialisation only
     steps1: int = DEFAULT_STEPS1
     steps2: int = DEFAULT_STEPS2
@@ -93,6 +96,8 @@ class HybridConversion(Conversion):
         else:
             n_keep = 1
         self._distill_config().check()
+        if self.init not in INITS:
+            raise BadInputError(f"unknown init '{self.init}'; use {' or '.join(INITS)}")
         if self.window < 1:
             raise BadInputError(f"the linear mixer's window must be at least 1 token, got {self.window}")
         if self.mixer in NATIVE_MIXERS and n_keep == 0:
@@ -116,6 +121,8 @@ class HybridConversion(Conversion):
             from seqtool.convert.hybrid_seqtool import build_seqtool_hybrid
 
             hybrid = build_seqtool_hybrid(model, kept, mixer=self.mixer, seed=self.seed, window=self.window)
+        if self.init == "random":
+            randomize_mixer_projections(hybrid, seed=self.seed)
         stages = []
         if self.steps1 or self.steps2:
             from seqtool.convert.hybrid_distill import distill
@@ -159,3 +166,20 @@ class HybridConversion(Conversion):
     def choice(self) -> LayerChoice | None:
         """The layer choice made by :meth:`apply` (None before)."""
         return self._choice
+
+
+@torch.no_grad()
+def randomize_mixer_projections(hybrid: nn.Module, *, seed: int = 0) -> None:
+    """The ``init="random"`` ablation: the projections read from the attention weights (``q/k/v/o_proj``;
+    Mamba2's ``in_proj`` / ``out_proj``) get PyTorch's default random init (seeded); gates, decays, convs and
+    feature maps keep their initialisation."""
+    from seqtool.convert.hybrid_distill import mixer_module_names
+
+    torch.manual_seed(seed + 7)
+    for name in mixer_module_names(hybrid):
+        for sub, module in hybrid.get_submodule(name).named_modules():
+            if isinstance(module, nn.Linear) and sub in _FROM_ATTENTION:
+                module.reset_parameters()
+
+
+_FROM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj")

@@ -264,3 +264,15 @@ def test_models_register_lazily():
             "assert 'seqtool_hybrid' in CONFIG_MAPPING\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_random_init_ablation_replaces_only_the_projections_read_from_attention():
+    source = fresh("tiny-llama")
+    for mixer, names in (("mamba2", ("in_proj", "out_proj")), ("linear", ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        base = seqtool.convert(source, "hybrid", mixer=mixer, attention_layers=[1], **INIT_ONLY).model
+        rand = seqtool.convert(source, "hybrid", mixer=mixer, attention_layers=[1], init="random", **INIT_ONLY).model
+        for (name, p), q in zip(base.named_parameters(), rand.parameters()):
+            changed = name.startswith("model.layers.0.") and any(f".{n}." in name for n in names)
+            assert torch.equal(p, q) != changed, name
+    with pytest.raises(BadInputError, match="unknown init 'zeros'"):
+        seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[1], init="zeros", **INIT_ONLY)
