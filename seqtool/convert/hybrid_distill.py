@@ -112,6 +112,23 @@ class PairMatch(ModuleMatch):
 
                 self._handles.append(model.get_submodule(name).register_forward_hook(hook))
 
+    def __call__(self, ctx):
+        # the same loss as ModuleMatch; also logs each pair's relative error Σ|s − t|² / Σ|t|² (``rel_layer<i>``)
+        mask = ctx.target_mask
+        total = ctx.logits.new_zeros((), dtype=torch.float32)
+        self.metrics = {}
+        for name in self.modules:
+            s, t = self.student_out.pop(name, None), self.teacher_out.pop(name, None)
+            if s is None or t is None:
+                raise RuntimeError(f"module '{name}' did not run in the student and the teacher")
+            diff = (s[:, :-1].float() - t[:, :-1].float().detach()).pow(2)        # (B, L-1, hidden)
+            total = total + diff.mean(-1)[mask].sum()
+            with torch.no_grad():
+                ref = t[:, :-1].float().pow(2).sum(-1)[mask].sum().clamp_min(1e-12)
+                layer = next((p for p in name.split(".") if p.isdigit()), name)
+                self.metrics[f"rel_layer{layer}"] = round(float(diff.sum(-1)[mask].sum() / ref), 5)
+        return total / len(self.modules) * ctx.token_scale
+
 
 def layer_pairs(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
     """Every layer: the student's mixer (converted layers) or attention (kept layers) → the teacher's attention
@@ -146,6 +163,8 @@ class StageResult:
     heldout_loss: float
     seconds: float
     resumed_from: int | None
+    match_rel_first: dict | None = None  # per layer: Σ|mixer − attention|² / Σ|attention|², first / last 10 % of steps
+    match_rel_final: dict | None = None
 
 
 def _stage_dir(run_dir: str | Path | None, stage: int) -> Path | None:
@@ -264,5 +283,13 @@ def _run_stage(stage: int, trainer) -> StageResult:
     before = trainer.heldout_loss()
     outcome = trainer.run()
     after = trainer.heldout_loss()
+    tenth = max(1, len(outcome.history) // 10)
+
+    def rel(records):
+        keys = sorted({k for r in records for k in r if k.startswith("rel_layer")})
+        return {k[4:]: round(sum(r[k] for r in records if k in r) / max(1, sum(k in r for r in records)), 5)
+                for k in keys} or None
+
     return StageResult(stage, outcome.steps, outcome.first, outcome.final, round(before, 5), round(after, 5),
-                       outcome.seconds, outcome.resumed_from)
+                       outcome.seconds, outcome.resumed_from, rel(outcome.history[:tenth]),
+                       rel(outcome.history[-tenth:]))

@@ -164,6 +164,7 @@ def test_two_stage_distillation_trains_the_right_parts_and_resumes_exactly(tmp_p
     s1, s2 = whole.details["stages"]
     assert (s1["stage"], s1["steps"], s2["stage"], s2["steps"]) == (1, 2, 2, 3)
     assert "loss_match" in s1["loss_final"] and {"loss_kl", "loss_match"} <= set(s2["loss_final"])
+    assert set(s1["match_rel_final"]) == {"layer0"} and set(s2["match_rel_final"]) == {"layer0", "layer1"}
     run2 = json.loads((tmp_path / "a" / "stage2" / "run.json").read_text())
     assert run2["distill"]["long_seq_len"] == 48 and run2["distill"]["match"] == 1.0
     assert hybrid_distill._phases(hybrid_distill.DistillConfig(
