@@ -1,12 +1,15 @@
-"""Quality of `seqtool convert --to hybrid` on `ref`: held-out perplexity and passkey at 2k, per training stage.
+"""Quality of `seqtool convert --to hybrid` on `ref`: held-out perplexity and passkey at 2k, per conversion and stage.
 
-    seqtool convert ref --to hybrid --mixer mamba2 --keep-attention 0.5 -o /tmp/hyref/mamba2   # the recipe (defaults)
-    python benchmarks/hybrid_quality.py --hybrid /tmp/hyref/mamba2     # evaluates the rows below, resumable
+    seqtool convert ref --to hybrid --mixer mamba2 --keep-attention 0.5 -o /tmp/hy/mamba2   # the recipe (defaults)
+    seqtool convert ref --to hybrid --mixer linear --keep-attention 0.5 -o /tmp/hy/linear
+    python benchmarks/hybrid_quality.py --hybrid /tmp/hy/mamba2 --hybrid /tmp/hy/linear --stage1 --init
 
-Rows (2 of 4 layers converted, the kept layers read from the hybrid's recipe): the original; the Mamba-in-the-Llama
-initialisation without training; after stage 1 only (the stage-1 checkpoint in ``HYBRID.run/stage1`` loaded onto
-the initialisation); both stages (the saved hybrid). Each row is cached in ``--cache`` as soon as it is done, and
-the markdown table is written between the ``hybrid-results`` markers of docs/hybrid.md.
+One row for the original, then for every ``--hybrid OUT`` (its mixer, kept layers and training steps read from the
+recipe ``OUT/config.json`` records): the trained hybrid; with ``--stage1`` also the stage-1-only model (the
+stage-1 checkpoint in ``OUT.run/stage1`` loaded onto the initialisation); with ``--init`` the initialisation
+without training. ``--label OUT=TEXT`` adds a note to a row (e.g. "fewer steps"). Each row is cached in
+``--cache`` as soon as it is done (a rerun evaluates only the missing ones) and the markdown table is written
+between the ``hybrid-results`` markers of docs/hybrid.md.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ MARK_BEGIN, MARK_END = "<!-- hybrid-results:begin -->", "<!-- hybrid-results:end
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ref")
-    p.add_argument("--hybrid", required=True, help="output of `seqtool convert --to hybrid` (with its OUT.run)")
+    p.add_argument("--hybrid", action="append", default=[], help="output of `seqtool convert --to hybrid` (repeat)")
+    p.add_argument("--stage1", action="store_true", help="also evaluate each hybrid after stage 1 only")
+    p.add_argument("--init", action="store_true", help="also evaluate each hybrid's initialisation (no training)")
+    p.add_argument("--label", action="append", default=[], help="OUT=TEXT: a note for that hybrid's rows")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=10, help="passkey prompts per depth (5 depths)")
-    p.add_argument("--ppl-tokens", type=int, default=16384)
+    p.add_argument("--samples", type=int, default=4, help="passkey prompts per depth (5 depths)")
+    p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=str(ROOT / "benchmarks/results/hybrid_quality.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/hybrid.md"))
-    p.add_argument("--only", default=None, help="comma list of rows to evaluate now (original,init,stage1,final)")
     return p.parse_args()
 
 
@@ -45,82 +50,90 @@ def _evaluate(model, tokenizer, args) -> dict:
             "eval_seconds": round(time.time() - started, 1)}
 
 
-def _rows(args):
-    """(row id, description, builder) — builders load lazily so cached rows cost nothing."""
+def _recipe(hybrid_dir: Path) -> dict:
+    """What the conversion did, from its recipe step (``config.json`` → ``seqtool.steps[-1]``)."""
+    step = json.loads((hybrid_dir / "config.json").read_text())["seqtool"]["steps"][-1]
+    if step.get("to") != "hybrid":
+        raise SystemExit(f"{hybrid_dir} is not the output of `seqtool convert --to hybrid`")
+    return step
+
+
+def _rows(args, labels: dict[str, str]):
+    """(row id, cells, builder) — builders load lazily so cached rows cost nothing."""
     import seqtool
     from seqtool.arch.io import load_model
-
-    hybrid_dir = Path(args.hybrid)
-    run_json = Path(f"{hybrid_dir}.run") / "stage1" / "run.json"
-    if (hybrid_dir / "config.json").exists():
-        step = json.loads((hybrid_dir / "config.json").read_text())["seqtool"]["steps"][-1]
-        kept = step["attention_layers_kept"]
-    else:  # the conversion is still running: what its run directory says
-        ident = json.loads(run_json.read_text())
-        kept = ident["attention_layers"]
-        d = ident["distill"]
-        step = {"seed": d["seed"], "steps1": d["steps1"], "steps2": d["steps2"], "train_seq_len": d["seq_len"],
-                "lora_r": d["lora_r"]}
 
     def original():
         loaded = load_model(args.model, device="cpu", dtype="fp32")
         return loaded.model, loaded.tokenizer
 
-    def init_only():
-        res = seqtool.convert(args.model, "hybrid", attention_layers=kept, steps1=0, steps2=0, seed=step["seed"],
-                              dtype="fp32", device="cpu")
-        return res.model, res.tokenizer
+    rows = [("original", {"mixer": "-", "converted": "none", "training": "original model"}, original)]
+    for hybrid in args.hybrid:
+        out = Path(hybrid)
+        step = _recipe(out)
+        kept = step["attention_layers_kept"]
+        n_layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+        converted = [i for i in range(n_layers) if i not in kept]
+        options = {k: step[k] for k in ("mixer", "seed", "window", "init") if k in step}
+        note = f" ({labels[hybrid]})" if hybrid in labels else ""
+        base = {"mixer": step["mixer"], "converted": f"{len(converted)} of {n_layers} ({converted})"}
 
-    def stage1_only():
-        model, tok = init_only()
-        ckpt = torch.load(Path(f"{hybrid_dir}.run") / "stage1" / "checkpoint.pt", weights_only=False)
-        missing = model.load_state_dict(ckpt["trainable"], strict=False)
-        assert not missing.unexpected_keys, missing.unexpected_keys
-        return model, tok
+        def init_only(options=options, kept=kept):
+            res = seqtool.convert(args.model, "hybrid", attention_layers=kept, steps1=0, steps2=0, dtype="fp32",
+                                  device="cpu", **options)
+            return res.model, res.tokenizer
 
-    def final():
-        loaded = load_model(str(hybrid_dir), device="cpu", dtype="fp32")
-        return loaded.model, loaded.tokenizer
+        def stage1_only(out=out, init_only=init_only):
+            model, tok = init_only()
+            ckpt = torch.load(Path(f"{out}.run") / "stage1" / "checkpoint.pt", weights_only=False)
+            missing = model.load_state_dict(ckpt["trainable"], strict=False)
+            assert not missing.unexpected_keys, missing.unexpected_keys
+            return model, tok
 
-    desc = f"steps1={step['steps1']}, steps2={step['steps2']}, seq_len={step['train_seq_len']}, lora_r={step['lora_r']}"
-    return kept, step, [
-        ("original", "original (all 4 layers attention)", original),
-        ("init", "Mamba-in-the-Llama init, no training", init_only),
-        ("stage1", f"stage 1 only ({step['steps1']} steps)", stage1_only),
-        ("final", f"stage 1 + stage 2 ({desc}; the command's defaults)", final),
-    ]
+        def final(out=out):
+            loaded = load_model(str(out), device="cpu", dtype="fp32")
+            return loaded.model, loaded.tokenizer
+
+        init_name = "random init" if step.get("init") == "random" else "init from attention"
+        if args.init:
+            rows.append((f"{out}:init", {**base, "training": f"{init_name}, no training{note}"}, init_only))
+        if args.stage1 and step["steps1"] > 0:
+            rows.append((f"{out}:stage1", {**base, "training": f"{init_name}, stage 1 only ({step['steps1']} "
+                                                              f"steps){note}"}, stage1_only))
+        rows.append((f"{out}:final", {**base, "training": f"{init_name}, stage 1 + 2 ({step['steps1']} + "
+                                                          f"{step['steps2']} steps){note}"}, final))
+    return rows
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    labels = dict(item.split("=", 1) for item in args.label)
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    kept, step, rows = _rows(args)
-    settings = {"seq_len": args.seq_len, "samples": args.samples, "ppl_tokens": args.ppl_tokens, "kept": kept}
+    settings = {"model": args.model, "seq_len": args.seq_len, "samples": args.samples, "ppl_tokens": args.ppl_tokens}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}
-    only = set(args.only.split(",")) if args.only else None
-    for key, text, build in rows:
-        if key in cache["rows"] or (only is not None and key not in only):
+    rows = _rows(args, labels)
+    for key, cells, build in rows:
+        if key in cache["rows"] and cache["rows"][key].get("cells") == cells:
             continue
         model, tok = build()
         model.eval()
-        cache["rows"][key] = {"row": text, **_evaluate(model, tok, args)}
-        print(json.dumps(cache["rows"][key]), flush=True)
+        cache["rows"][key] = {"cells": cells, **_evaluate(model, tok, args)}
+        print(json.dumps({key: cache["rows"][key]}), flush=True)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=1) + "\n")
-    if any(key not in cache["rows"] for key, _, _ in rows):
-        return  # the table needs every row
     base = cache["rows"]["original"]["ppl"]
-    lines = [f"Attention layers kept: {kept} (chosen by retrieval score); Mamba2 in the others. Held-out perplexity "
-             f"(stdlib held-out split, {args.ppl_tokens} tokens, {args.seq_len}-token windows) and passkey accuracy "
-             f"at {args.seq_len} tokens ({args.samples} prompts x 5 depths). "
-             "`python benchmarks/hybrid_quality.py --hybrid OUT`.", "",
-             "| model | ppl | ppl / original | passkey@2k |", "|---|---|---|---|"]
+    lines = [f"Held-out perplexity (built-in held-out split, {args.ppl_tokens} tokens, {args.seq_len}-token windows) "
+             f"and passkey accuracy at {args.seq_len} tokens ({args.samples} prompts x 5 depths), "
+             "`python benchmarks/hybrid_quality.py` (results in `benchmarks/results/hybrid_quality.json`).", "",
+             "| mixer | layers converted | training | ppl | ppl / original | passkey@2k |", "|---|---|---|---|---|---|"]
     for key, _, _ in rows:
         r = cache["rows"][key]
-        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {r['ppl'] / base:.3f} | {r['passkey']:.2f} |")
+        c = r["cells"]
+        lines.append(f"| {c['mixer']} | {c['converted']} | {c['training']} | {r['ppl']:.2f} | {r['ppl'] / base:.3f} "
+                     f"| {r['passkey']:.2f} |")
     table = "\n".join(lines)
     print(table)
     doc = Path(args.doc)

@@ -8,9 +8,8 @@ loads it without seqtool), initialised from the attention weights as in Mamba-in
 The hybrid is then distilled from the original in two stages on the training engine
 (:mod:`seqtool.convert.hybrid_distill`: attention transfer on the mixers, then KL with LoRA on the rest;
 ``steps1=0, steps2=0`` keeps the initialisation).
-``deltanet`` (Gated DeltaNet) writes seqtool's own ``SeqtoolHybridForCausalLM`` (:mod:`seqtool.models`,
-:mod:`seqtool.convert.hybrid_seqtool`); ``linear`` (LoLCATs) is named but not implemented yet: it raises
-:class:`~seqtool.errors.NotImplementedMethodError`.
+``deltanet`` (Gated DeltaNet) and ``linear`` (LoLCATs: Hedgehog linear attention + a softmax window) write
+seqtool's own ``SeqtoolHybridForCausalLM`` (:mod:`seqtool.models`, :mod:`seqtool.convert.hybrid_seqtool`).
 
 Exact case: listing every layer as attention gives the source model's logits exactly (after save + plain reload).
 The source model passed in memory is not modified; ``result.model`` is the new hybrid.
@@ -27,15 +26,15 @@ import torch.nn as nn
 from seqtool.arch.registry import decoder_layers
 from seqtool.convert.base import Conversion, register
 from seqtool.convert.hybrid_layers import LayerChoice, choose_layers, count_for_fraction, parse_layers
-from seqtool.errors import BadInputError, NotImplementedMethodError
+from seqtool.errors import BadInputError
 
 MIXERS = ("mamba2", "linear", "deltanet")
-DEFAULT_STEPS1 = 100
-DEFAULT_STEPS2 = 200
-DEFAULT_SEQ_LEN = 256
+INITS = ("attention", "random")
+DEFAULT_STEPS1 = 60
+DEFAULT_STEPS2 = 150
+DEFAULT_SEQ_LEN = 512
 _RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)
-IMPLEMENTED = ("mamba2", "deltanet")
 
 
 @register("hybrid")
@@ -43,7 +42,8 @@ IMPLEMENTED = ("mamba2", "deltanet")
 class HybridConversion(Conversion):
     """Options: ``mixer`` (mamba2|linear|deltanet), ``attention_layers`` (indices kept as attention, e.g. "0,3")
     or ``keep_attention`` (fraction of layers kept, ranked by retrieval score; default 0.25), ``seed`` (mixer init,
-    LoRA init, data order); distillation: ``steps1``/``steps2`` (0 skips a stage), ``lora_r``, ``train_seq_len``,
+    LoRA init, data order), ``window`` (``linear``: softmax window, tokens), ``init`` (``attention``: the
+    mixers' projections start from the attention weights; ``random``: they start random, an ablation); distillation: ``steps1``/``steps2`` (0 skips a stage), ``lora_r``, ``train_seq_len``,
     ``batch``, ``lr1``/``lr2``, ``data`` (None: built-in corpus), ``eval_rows`` (held-out rows for the before/after
     loss), ``run_dir`` (checkpoints; needed for ``resume``), ``progress``."""
 
@@ -51,6 +51,8 @@ class HybridConversion(Conversion):
     attention_layers: Any = None
     keep_attention: float | None = None
     seed: int = 0
+    window: int = 64
+    init: str = "attention"
     # distillation (seqtool.convert.hybrid_distill); steps 0 skips a stage, both 0 = initialisation only
     steps1: int = DEFAULT_STEPS1
     steps2: int = DEFAULT_STEPS2
@@ -60,6 +62,11 @@ class HybridConversion(Conversion):
     lr1: float = 1e-3
     lr2: float = 1e-3
     data: str | None = None
+    mix_retrieval: float = 0.3
+    long_frac: float = 0.25
+    long_seq_len: int = 2048
+    long_batch: int = 2
+    bf16: str = "on"
     eval_rows: int = 32
     run_dir: str | None = None
     resume: bool = False
@@ -89,9 +96,10 @@ class HybridConversion(Conversion):
         else:
             n_keep = 1
         self._distill_config().check()
-        if self.mixer not in IMPLEMENTED:
-            raise NotImplementedMethodError(f"--mixer {self.mixer} is not implemented yet; use "
-                                            f"{' or '.join(IMPLEMENTED)}")
+        if self.init not in INITS:
+            raise BadInputError(f"unknown init '{self.init}'; use {' or '.join(INITS)}")
+        if self.window < 1:
+            raise BadInputError(f"the linear mixer's window must be at least 1 token, got {self.window}")
         if self.mixer in NATIVE_MIXERS and n_keep == 0:
             raise BadInputError("--mixer mamba2 needs at least one attention layer (the native "
                                 "GraniteMoeHybrid class needs one for cached generate)")
@@ -112,7 +120,9 @@ class HybridConversion(Conversion):
         else:
             from seqtool.convert.hybrid_seqtool import build_seqtool_hybrid
 
-            hybrid = build_seqtool_hybrid(model, kept, mixer=self.mixer, seed=self.seed)
+            hybrid = build_seqtool_hybrid(model, kept, mixer=self.mixer, seed=self.seed, window=self.window)
+        if self.init == "random":
+            randomize_mixer_projections(hybrid, seed=self.seed)
         stages = []
         if self.steps1 or self.steps2:
             from seqtool.convert.hybrid_distill import distill
@@ -139,6 +149,8 @@ class HybridConversion(Conversion):
 
         return DistillConfig(steps1=self.steps1, steps2=self.steps2, lora_r=self.lora_r, seq_len=self.train_seq_len,
                              batch=self.batch, lr1=self.lr1, lr2=self.lr2, data=self.data, seed=self.seed,
+                             mix_retrieval=self.mix_retrieval, long_frac=self.long_frac,
+                             long_seq_len=self.long_seq_len, long_batch=self.long_batch, bf16=self.bf16,
                              eval_rows=self.eval_rows)
 
     def result_model(self, model: nn.Module) -> nn.Module:
@@ -154,3 +166,20 @@ class HybridConversion(Conversion):
     def choice(self) -> LayerChoice | None:
         """The layer choice made by :meth:`apply` (None before)."""
         return self._choice
+
+
+@torch.no_grad()
+def randomize_mixer_projections(hybrid: nn.Module, *, seed: int = 0) -> None:
+    """The ``init="random"`` ablation: the projections read from the attention weights (``q/k/v/o_proj``;
+    Mamba2's ``in_proj`` / ``out_proj``) get PyTorch's default random init (seeded); gates, decays, convs and
+    feature maps keep their initialisation."""
+    from seqtool.convert.hybrid_distill import mixer_module_names
+
+    torch.manual_seed(seed + 7)
+    for name in mixer_module_names(hybrid):
+        for sub, module in hybrid.get_submodule(name).named_modules():
+            if isinstance(module, nn.Linear) and sub in _FROM_ATTENTION:
+                module.reset_parameters()
+
+
+_FROM_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj")

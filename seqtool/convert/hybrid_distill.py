@@ -25,6 +25,8 @@ from seqtool.errors import BadInputError
 from seqtool.train.kinds import MODULE_KINDS, register_kind
 from seqtool.train.objectives import ModuleMatch, _first_tensor
 
+SAVE_EVERY = "5m"  # with a run directory, a checkpoint every 5 minutes (a killed stage resumes bit-identically)
+
 
 @dataclass
 class DistillConfig:
@@ -38,7 +40,13 @@ class DistillConfig:
     lr1: float
     lr2: float
     data: str | None = None
-    mix_retrieval: float = 0.0
+    mix_retrieval: float = 0.3
+    long_frac: float = 0.25
+    long_seq_len: int = 2048
+    long_batch: int = 2
+    kl: float = 1.0
+    match: float = 1.0
+    bf16: str = "on"
     seed: int = 0
     eval_rows: int = 32
 
@@ -50,8 +58,12 @@ class DistillConfig:
             raise BadInputError(f"--lora-r must be at least 1, got {self.lora_r}")
         if self.seq_len < 8:
             raise BadInputError(f"--seq-len must be at least 8, got {self.seq_len}")
-        if self.batch < 1:
-            raise BadInputError(f"--batch must be at least 1, got {self.batch}")
+        if self.batch < 1 or self.long_batch < 1:
+            raise BadInputError(f"--batch must be at least 1, got {min(self.batch, self.long_batch)}")
+        if not 0.0 <= self.long_frac < 1.0:
+            raise BadInputError(f"long_frac must be in [0, 1), got {self.long_frac}")
+        if not 0.0 <= self.mix_retrieval < 1.0:
+            raise BadInputError(f"--mix-retrieval must be in [0, 1), got {self.mix_retrieval}")
 
 
 def mixer_module_names(model: nn.Module, spec: FamilySpec | None = None) -> list[str]:
@@ -100,6 +112,35 @@ class PairMatch(ModuleMatch):
 
                 self._handles.append(model.get_submodule(name).register_forward_hook(hook))
 
+    def __call__(self, ctx):
+        # the same loss as ModuleMatch; also logs each pair's relative error Σ|s − t|² / Σ|t|² (``rel_layer<i>``)
+        mask = ctx.target_mask
+        total = ctx.logits.new_zeros((), dtype=torch.float32)
+        self.metrics = {}
+        for name in self.modules:
+            s, t = self.student_out.pop(name, None), self.teacher_out.pop(name, None)
+            if s is None or t is None:
+                raise RuntimeError(f"module '{name}' did not run in the student and the teacher")
+            diff = (s[:, :-1].float() - t[:, :-1].float().detach()).pow(2)        # (B, L-1, hidden)
+            total = total + diff.mean(-1)[mask].sum()
+            with torch.no_grad():
+                ref = t[:, :-1].float().pow(2).sum(-1)[mask].sum().clamp_min(1e-12)
+                layer = next((p for p in name.split(".") if p.isdigit()), name)
+                self.metrics[f"rel_layer{layer}"] = round(float(diff.sum(-1)[mask].sum() / ref), 5)
+        return total / len(self.modules) * ctx.token_scale
+
+
+def layer_pairs(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
+    """Every layer: the student's mixer (converted layers) or attention (kept layers) → the teacher's attention
+    of the same layer (stage 2's per-layer attention-output matching, as ``--recover distill``'s ``match``)."""
+    from seqtool.arch.registry import attention_layer_indices
+
+    t_spec, s_spec = get_family(teacher), get_family(student)
+    pairs = attention_pairs(student, teacher)
+    for i in attention_layer_indices(student.config):
+        pairs[f"{s_spec.layers}.{i}.{s_spec.attention}"] = f"{t_spec.layers}.{i}.{t_spec.attention}"
+    return pairs
+
 
 def attention_pairs(student: nn.Module, teacher: nn.Module) -> dict[str, str]:
     """Student mixer → teacher attention module of the same layer."""
@@ -122,6 +163,8 @@ class StageResult:
     heldout_loss: float
     seconds: float
     resumed_from: int | None
+    match_rel_first: dict | None = None  # per layer: Σ|mixer − attention|² / Σ|attention|², first / last 10 % of steps
+    match_rel_final: dict | None = None
 
 
 def _stage_dir(run_dir: str | Path | None, stage: int) -> Path | None:
@@ -154,22 +197,49 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillCo
             p.requires_grad_(flag)
 
 
+def _phases(config: DistillConfig, steps: int, long: bool) -> list[tuple[int, int, int]]:
+    """(steps, seq_len, batch) per length phase: most steps at ``seq_len``, the last ``long_frac`` at
+    ``long_seq_len`` × ``long_batch`` rows (when ``long``; stage 1 stays at ``seq_len``)."""
+    n_long = round(steps * config.long_frac) if long and config.long_seq_len > config.seq_len else 0
+    phases = [(steps - n_long, config.seq_len, config.batch)]
+    if n_long > 0:
+        phases.append((n_long, config.long_seq_len, config.long_batch))
+    return [p for p in phases if p[0] > 0]
+
+
+def _build_schedule(tokenizer, config: DistillConfig, cache: Path | None):
+    """The rows of each stage (built-in text or ``--data``, with ``mix_retrieval`` synthetic retrieval rows):
+    stage 1 at ``seq_len``; stage 2 a :class:`~seqtool.train.data.LengthSchedule` ending at ``long_seq_len``.
+    The ``seq_len`` rows are one build shared by both stages (sized for the longer one)."""
+    from seqtool.train.data import DataConfig, LengthSchedule, build_data
+
+    def data_for(seq_len: int, steps: int, batch: int):
+        cfg = DataConfig(source=config.data, seq_len=seq_len, seed=config.seed, mix_retrieval=config.mix_retrieval,
+                         max_train_tokens=max(steps * batch * seq_len, 64 * seq_len) if config.data is None else None)
+        return build_data(tokenizer, cfg, cache)
+
+    p1 = _phases(config, config.steps1, long=False)
+    p2 = _phases(config, config.steps2, long=True)
+    short_steps = max([s for s, L, _ in p1 + p2 if L == config.seq_len] or [1])
+    short = data_for(config.seq_len, short_steps, config.batch)
+    stage2 = None
+    if p2:
+        parts = [short if L == config.seq_len else data_for(L, s, b) for s, L, b in p2]
+        stage2 = parts[0] if len(parts) == 1 else LengthSchedule(
+            parts, [b for _, _, b in p2], [sum(p[0] for p in p2[:i + 1]) for i in range(len(p2))])
+    return short, stage2
+
+
 def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig, *,
              run_dir: str | Path | None, resume: bool, identity: dict | None,
              progress: str) -> tuple[nn.Module, list[StageResult]]:
-    from seqtool.train.data import DataConfig, build_data
     from seqtool.train.loop import Trainer, TrainConfig
     from seqtool.train.objectives import KLDistill
     from seqtool.train.trainable import LoraOptions, merge, prepare
 
-    longest = max(config.steps1, config.steps2)
-    data_cfg = DataConfig(source=config.data, seq_len=config.seq_len, seed=config.seed,
-                          mix_retrieval=config.mix_retrieval,
-                          max_train_tokens=max(longest * config.batch * config.seq_len, 64 * config.seq_len)
-                          if config.data is None else None)
     created = run_dir is not None and not Path(run_dir).exists()
     try:
-        data = build_data(tokenizer, data_cfg, Path(run_dir) / "data" if run_dir is not None else None)
+        data1, data2 = _build_schedule(tokenizer, config, Path(run_dir) / "data" if run_dir is not None else None)
     except BadInputError:
         if created:  # bad --data: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -179,9 +249,10 @@ def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillC
     pairs = attention_pairs(student, teacher)
     if config.steps1 > 0 and pairs:
         net = prepare(student, "full", ["mixer"])
-        trainer = Trainer(net, data, [PairMatch(pairs)],
+        trainer = Trainer(net, data1, [PairMatch(pairs)],
                           TrainConfig(steps=config.steps1, batch=config.batch, lr=config.lr1, seed=config.seed,
-                                      eval_rows=config.eval_rows, progress=progress),
+                                      eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
+                                      progress=progress),
                           teacher=teacher, run_dir=_stage_dir(run_dir, 1),
                           resume=_resume(_stage_dir(run_dir, 1), resume), identity={**ident, "stage": 1})
         results.append(_run_stage(1, trainer))
@@ -193,9 +264,13 @@ def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillC
         for name in mixer_module_names(base):  # the mixers keep training fully; LoRA on everything else
             for p in base.get_submodule(name).parameters():
                 p.requires_grad_(True)
-        trainer = Trainer(net, data, [KLDistill()],
+        objectives = [KLDistill(config.kl)]
+        if config.match > 0:  # every layer's mixer / attention output matched to the original attention's
+            objectives.append(PairMatch(layer_pairs(base, teacher), config.match))
+        trainer = Trainer(net, data2, objectives,
                           TrainConfig(steps=config.steps2, batch=config.batch, lr=config.lr2, seed=config.seed + 1,
-                                      eval_rows=config.eval_rows, progress=progress),
+                                      eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
+                                      progress=progress),
                           teacher=teacher, run_dir=_stage_dir(run_dir, 2),
                           resume=_resume(_stage_dir(run_dir, 2), resume), identity={**ident, "stage": 2})
         results.append(_run_stage(2, trainer))
@@ -208,5 +283,13 @@ def _run_stage(stage: int, trainer) -> StageResult:
     before = trainer.heldout_loss()
     outcome = trainer.run()
     after = trainer.heldout_loss()
+    tenth = max(1, len(outcome.history) // 10)
+
+    def rel(records):
+        keys = sorted({k for r in records for k in r if k.startswith("rel_layer")})
+        return {k[4:]: round(sum(r[k] for r in records if k in r) / max(1, sum(k in r for r in records)), 5)
+                for k in keys} or None
+
     return StageResult(stage, outcome.steps, outcome.first, outcome.final, round(before, 5), round(after, 5),
-                       outcome.seconds, outcome.resumed_from)
+                       outcome.seconds, outcome.resumed_from, rel(outcome.history[:tenth]),
+                       rel(outcome.history[-tenth:]))

@@ -1,10 +1,13 @@
-"""Llama-shaped model → seqtool's ``SeqtoolHybridForCausalLM`` with Gated DeltaNet in the converted layers.
+"""Llama-shaped model → seqtool's ``SeqtoolHybridForCausalLM`` with Gated DeltaNet (``deltanet``) or LoLCATs
+(``linear``) mixers in the converted layers.
 
 The class is a Llama (exact when every layer is kept: the same modules and weights). A converted layer's mixer
 reads its attention weights the way the Mamba2 initialisation does (:mod:`seqtool.convert.hybrid_native`):
 q ← Q, k ← K and v ← V (KV heads repeated over the query heads that shared them), o ← O; the write strength
 beta starts at 0.5 (``b_proj`` zero weights and bias) and the decay gate at exp(-A·dt) with A uniform in [1, 16] and
-dt log-uniform in [1e-3, 1e-1] (``a_proj`` zero, so the gate starts input-independent).
+dt log-uniform in [1e-3, 1e-1] (``a_proj`` zero, so the gate starts input-independent). A ``linear`` mixer keeps
+q/k/v/o likewise; its Hedgehog feature maps start as the identity map followed by the ±softmax, its window
+factors at sigmoid(0) = 1/2 (:mod:`seqtool.models.lolcats_mixer`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from seqtool.convert.layout import read_attention, read_mlp
 
 @torch.no_grad()
 def build_seqtool_hybrid(model: nn.Module, attention_layers: list[int], *, mixer: str = "deltanet",
-                         seed: int = 0) -> nn.Module:
-    """A SeqtoolHybridForCausalLM holding ``model``'s weights; layers outside ``attention_layers`` get ``mixer``.
+                         seed: int = 0, window: int = 64) -> nn.Module:
+    """A SeqtoolHybridForCausalLM holding ``model``'s weights; layers outside ``attention_layers`` get ``mixer``
+    (``window``: the softmax window of ``linear`` mixers).
     Same device and dtype as ``model``, which is not modified."""
     from seqtool import recipe as recipe_mod
     from seqtool.models import SeqtoolHybridConfig, SeqtoolHybridForCausalLM
@@ -42,7 +46,7 @@ def build_seqtool_hybrid(model: nn.Module, attention_layers: list[int], *, mixer
         attention_bias=_has_attention_bias(first), mlp_bias=False, tie_word_embeddings=bool(src.tie_word_embeddings),
         pad_token_id=src.pad_token_id, bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id,
         layer_types=["full_attention" if i in attention_layers else "linear_attention" for i in range(n)],
-        mixer_types=[None if i in attention_layers else mixer for i in range(n)],
+        mixer_types=["attention" if i in attention_layers else mixer for i in range(n)], linear_window=window,
     )
     param = next(model.parameters())
     with torch.device(param.device):
@@ -72,7 +76,7 @@ def build_seqtool_hybrid(model: nn.Module, attention_layers: list[int], *, mixer
                     lin.bias.zero_()
                 else:
                     lin.bias.copy_(_repeat_heads(bias, r, head_dim) if name in ("k_proj", "v_proj") else bias)
-        if converted:
+        if converted and mixer == "deltanet":
             _init_gates(d.self_attn, torch.Generator().manual_seed(seed * 1000 + i))
     recipe_mod.write(hybrid.config, recipe_mod.read(model.config))
     hybrid.generation_config = model.generation_config

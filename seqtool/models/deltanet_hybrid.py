@@ -1,8 +1,9 @@
-"""seqtool's own hybrid class: a Llama whose non-attention layers hold a Gated DeltaNet mixer.
+"""seqtool's own hybrid class: a Llama whose non-attention layers hold a recurrent mixer, chosen per layer.
 
-``model_type`` ``seqtool_hybrid``; ``layer_types`` lists each layer's kind (``full_attention`` or
+``model_type`` ``seqtool_hybrid``; ``layer_types`` lists each layer's cache kind (``full_attention`` or
 ``linear_attention``), so transformers' ``DynamicCache`` gives the mixer layers a recurrent-state cache layer;
-``mixer_types`` names the mixer of each non-attention layer (``deltanet``). Registered with
+``mixer_types`` names each layer's mixer: ``attention``, ``deltanet`` (Gated DeltaNet, below) or ``linear``
+(LoLCATs: Hedgehog linear attention + a softmax window, :mod:`seqtool.models.lolcats_mixer`). Registered with
 ``AutoConfig``/``AutoModelForCausalLM`` by :func:`seqtool.models.register` (called by ``seqtool.load`` and on
 importing :mod:`seqtool.models`, never at ``import seqtool``); loading never needs ``trust_remote_code``.
 
@@ -25,10 +26,25 @@ MODEL_TYPE = "seqtool_hybrid"
 ATTENTION, RECURRENT = "full_attention", "linear_attention"
 
 
+MIXERS = ("deltanet", "linear")
+
+
 class SeqtoolHybridConfig(LlamaConfig):
+    """``layer_types``: the cache kind per layer (``full_attention`` / ``linear_attention``, what transformers'
+    ``DynamicCache`` reads); ``mixer_types``: the mixer per layer (``attention``, ``deltanet``, ``linear``; the
+    registry's per-layer kinds); ``linear_window``: the softmax window of ``linear`` mixers."""
+
     model_type = MODEL_TYPE
     layer_types: list | None = None
     mixer_types: list | None = None
+    linear_window: int = 64
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is not None:  # an attention layer's mixer is "attention"; unnamed mixers are deltanet
+            given = list(self.mixer_types or [None] * len(self.layer_types))
+            self.mixer_types = ["attention" if kind == ATTENTION else (m or "deltanet")
+                                for kind, m in zip(self.layer_types, given)]
+        super().__post_init__(**kwargs)
 
 
 class DeltaNetMixer(nn.Module):
@@ -82,9 +98,12 @@ class SeqtoolHybridForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: SeqtoolHybridConfig):
         super().__init__(config)
-        for i, kind in enumerate(config.layer_types or []):
+        from seqtool.models.lolcats_mixer import LolcatsMixer
+
+        classes = {"deltanet": DeltaNetMixer, "linear": LolcatsMixer}
+        for i, (kind, mixer) in enumerate(zip(config.layer_types or [], config.mixer_types or [])):
             if kind == RECURRENT:
-                self.model.layers[i].self_attn = DeltaNetMixer(config, i)
+                self.model.layers[i].self_attn = classes[mixer](config, i)
         self.post_init()
 
 

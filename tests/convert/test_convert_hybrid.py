@@ -127,6 +127,7 @@ def test_cli_converts_reloads_generates_and_rejects_bad_input(tmp_path):
         (["--attention-layers", "0,2"], "attention layer 2 out of range"),
         (["--keep-attention", "0"], "needs at least one attention layer"),
         (["--attention-layers", ""], "needs at least one attention layer"),
+        (["--mixer", "linear", "--window", "0"], "window must be at least 1 token"),
     ]
     for extra, msg in cases:
         res = runner.invoke(app, ["convert", "tiny-llama", "--to", "hybrid", *extra, "-o", str(tmp_path / "x")])
@@ -151,8 +152,10 @@ def small_text(tmp_path_factory):
 def test_two_stage_distillation_trains_the_right_parts_and_resumes_exactly(tmp_path, monkeypatch, small_text):
     from seqtool.convert import hybrid_distill
 
+    # stage 2: 2 steps of 32-token rows, then 1 step of 2 x 48 (the length schedule); no retrieval rows (the tiny
+    # tokenizer's prompts do not fit 32 tokens)
     opts = dict(attention_layers=[1], steps1=2, steps2=3, lora_r=2, train_seq_len=32, batch=2, eval_rows=4,
-                progress="off", data=small_text)
+                progress="off", data=small_text, mix_retrieval=0.0, long_seq_len=48, long_batch=1, long_frac=0.34)
     source = fresh("tiny-llama")
     init = seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[1], **INIT_ONLY).model
     assert hybrid_distill.attention_pairs(init, source.model) == {"model.layers.0.mamba": "model.layers.0.self_attn"}
@@ -160,7 +163,15 @@ def test_two_stage_distillation_trains_the_right_parts_and_resumes_exactly(tmp_p
     assert all(p.requires_grad for p in source.model.parameters())  # the teacher is handed back as it came
     s1, s2 = whole.details["stages"]
     assert (s1["stage"], s1["steps"], s2["stage"], s2["steps"]) == (1, 2, 2, 3)
-    assert "loss_match" in s1["loss_final"] and "loss_kl" in s2["loss_final"]
+    assert "loss_match" in s1["loss_final"] and {"loss_kl", "loss_match"} <= set(s2["loss_final"])
+    assert set(s1["match_rel_final"]) == {"layer0"} and set(s2["match_rel_final"]) == {"layer0", "layer1"}
+    run2 = json.loads((tmp_path / "a" / "stage2" / "run.json").read_text())
+    assert run2["distill"]["long_seq_len"] == 48 and run2["distill"]["match"] == 1.0
+    assert hybrid_distill._phases(hybrid_distill.DistillConfig(
+        steps1=2, steps2=3, lora_r=2, seq_len=32, batch=2, lr1=1e-3, lr2=1e-3, long_seq_len=48, long_batch=1,
+        long_frac=0.34), 3, long=True) == [(2, 32, 2), (1, 48, 1)]
+    assert set(hybrid_distill.layer_pairs(whole.model, source.model)) == {"model.layers.0.mamba",
+                                                                          "model.layers.1.self_attn"}
     trained1 = torch.load(tmp_path / "a" / "stage1" / "checkpoint.pt", weights_only=False)["trainable"]
     assert trained1 and all(".mamba." in n for n in trained1)  # stage 1: only the mixers train
     trained2 = torch.load(tmp_path / "a" / "stage2" / "checkpoint.pt", weights_only=False)["trainable"]
@@ -207,13 +218,14 @@ def test_cli_rejects_data_shorter_than_a_row(tmp_path):
 
 # ---------------------------------------------------------------- deltanet (seqtool's own class)
 @torch.no_grad()
-def test_deltanet_exact_when_kept_decode_equals_forward_and_reloads(tmp_path, ids):
+@pytest.mark.parametrize("mixer", ["deltanet", "linear"])
+def test_seqtool_mixers_exact_when_kept_decode_equals_forward_and_reload(tmp_path, ids, mixer):
     from transformers import AutoModelForCausalLM
 
     for family in ("tiny-llama", "tiny-qwen2"):  # qwen2: q/k/v biases, GQA repeat in the mixer
         loaded = fresh(family)
         want = logits(loaded.model, ids)
-        res = seqtool.convert(loaded, "hybrid", mixer="deltanet", attention_layers=[0, 1], output=tmp_path / family,
+        res = seqtool.convert(loaded, "hybrid", mixer=mixer, attention_layers=[0, 1], output=tmp_path / family,
                               **INIT_ONLY)
         assert torch.equal(logits(res.model, ids), want)
         importlib.import_module("seqtool.models")  # registers the class with Auto*
@@ -221,9 +233,14 @@ def test_deltanet_exact_when_kept_decode_equals_forward_and_reloads(tmp_path, id
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32).eval()
         assert type(reloaded).__name__ == "SeqtoolHybridForCausalLM"
         assert torch.equal(logits(reloaded, ids), want)
-    hybrid = seqtool.convert(fresh("tiny-mistral"), "hybrid", mixer="deltanet", attention_layers=[1],
+    # window 4 < the 13-token prefill: the linear mixer's decode moves tokens from its window into its state
+    hybrid = seqtool.convert(fresh("tiny-mistral"), "hybrid", mixer=mixer, attention_layers=[1], window=4,
                              **INIT_ONLY).model
     assert hybrid.config.layer_types == ["linear_attention", "full_attention"]
+    assert hybrid.config.mixer_types == [mixer, "attention"]
+    from seqtool.arch.registry import layer_kinds
+
+    assert [k.mixer for k in layer_kinds(hybrid.config)] == [mixer, "attention"]
     from seqtool.convert.hybrid_distill import mixer_module_names
 
     assert mixer_module_names(hybrid) == ["model.layers.0.self_attn"]  # what stage 1 trains
@@ -248,3 +265,15 @@ def test_models_register_lazily():
             "assert 'seqtool_hybrid' in CONFIG_MAPPING\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_random_init_ablation_replaces_only_the_projections_read_from_attention():
+    source = fresh("tiny-llama")
+    for mixer, names in (("mamba2", ("in_proj", "out_proj")), ("linear", ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        base = seqtool.convert(source, "hybrid", mixer=mixer, attention_layers=[1], **INIT_ONLY).model
+        rand = seqtool.convert(source, "hybrid", mixer=mixer, attention_layers=[1], init="random", **INIT_ONLY).model
+        for (name, p), q in zip(base.named_parameters(), rand.parameters()):
+            changed = name.startswith("model.layers.0.") and any(f".{n}." in name for n in names)
+            assert torch.equal(p, q) != changed, name
+    with pytest.raises(BadInputError, match="unknown init 'zeros'"):
+        seqtool.convert(fresh("tiny-llama"), "hybrid", attention_layers=[1], init="zeros", **INIT_ONLY)
