@@ -174,7 +174,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
              kl_temperature: float = 1.0, kl_top_k: int | None = None, match: str = "attention",
              seq_len: int | None = None, batch: int | None = None, grad_accum: int = 1, lr: float | None = None,
              warmup: int | None = None, weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0,
-             mix_retrieval: float | None = None, heldout: float = 0.05, eval_every: int = 0, eval_rows: int = 32,
+             mix_retrieval: float | None = None, heldout: float = 0.05, eval_every: int = 0, eval_rows: int | None = None,
              run_dir: str | Path | None = None, resume: bool = False, save_every: str | None = None,
              save_adapter: str | Path | None = None, lora_rank: int = 8, lora_alpha: int = 16,
              grad_checkpoint: bool = False, bf16: str = "auto", dist: str = "fsdp", progress: str = "auto",
@@ -220,6 +220,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
     mix_retrieval = mix_retrieval if mix_retrieval is not None else recipe.get("mix_retrieval", 0.0)
     lr = lr if lr is not None else recipe.get("lr")
     warmup = warmup if warmup is not None else recipe.get("warmup")
+    eval_rows = eval_rows if eval_rows is not None else recipe.get("eval_rows", 32)
     loss = loss if loss is not None else recipe.get("loss", "lm")
     if context is not None:
         from seqtool.utils import parse_length

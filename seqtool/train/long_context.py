@@ -24,7 +24,8 @@ LONG_TRAIN_KINDS = "attention,embed,norm"
 #: Defaults of a ``--context`` run where the user sets nothing (the recipe behind docs/long_context.md's numbers):
 #: one row of ``context`` tokens per step, 30 % synthetic retrieval rows (passkey, NIAH, ...) among the built-in
 #: text, LoRA at the engine's default rank and learning rate.
-LONG_RECIPE: dict[str, Any] = {"steps": 150, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.3}
+LONG_RECIPE: dict[str, Any] = {"steps": 150, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.3,
+                               "eval_rows": 8}
 
 
 @dataclass

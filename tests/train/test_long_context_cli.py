@@ -87,3 +87,23 @@ def test_phases(frac, want):
     assert setup.phases(10, 1, frac, 2) == want
     with pytest.raises(Exception, match="short_frac"):
         setup.phases(10, 1, 1.0, 2)
+
+
+def test_rope_scale_on_a_model_without_rope_is_one_line_exit_2(tmp_path):
+    """GraniteMoeHybrid with position_embedding_type None ("nope") keeps rope_parameters in its config but uses no
+    rotary embeddings: --rope-scale is refused; without it the context grows with RoPE unchanged."""
+    from transformers import AutoTokenizer, GraniteMoeHybridConfig
+
+    from seqtool.zoo import presets
+
+    config = GraniteMoeHybridConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=0,
+                                    shared_intermediate_size=128, layer_types=["attention", "attention"])
+    assert config.position_embedding_type is None and config.rope_parameters  # the trap: parameters, no RoPE
+    src = tmp_path / "nope"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    AutoTokenizer.from_pretrained(presets.REF_DIR).save_pretrained(src)
+    result = run("finetune", str(src), "--method", "sinklora", "--context", "256", "--rope-scale", "linear:2",
+                 "--steps", "1", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "has no rotary embeddings" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
