@@ -54,6 +54,9 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 
 def _rope_parameters(config: Any) -> dict[str, Any] | None:
+    has_pet = "position_embedding_type" in config if isinstance(config, dict) else hasattr(config, "position_embedding_type")
+    if has_pet and _get(config, "position_embedding_type") != "rope":
+        return None  # e.g. GraniteMoeHybrid: rope_parameters in the config, but no rotary embeddings used ("nope")
     params = _get(config, "rope_parameters") or _get(config, "rope_scaling")
     if isinstance(params, dict) and params and not any(isinstance(v, dict) for v in params.values()):
         return dict(params)

@@ -5,6 +5,7 @@ in-memory core that conversions (``convert --recover``) call on a model they alr
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch.nn as nn
 from seqtool.arch.registry import decoder_layers
 from seqtool.errors import BadInputError
 from seqtool.train import dist as dist_mod
-from seqtool.train.data import DataConfig, PackedData, build_data, tokenizer_fingerprint
+from seqtool.train.data import DataConfig, LengthSchedule, PackedData, build_data, tokenizer_fingerprint
 from seqtool.train.kinds import DEFAULT_KINDS, kind_modules, parse_kinds
 from seqtool.train.loop import Trainer, TrainConfig, TrainOutcome
 from seqtool.train.objectives import AnswerLoss, KLDistill, LMLoss, ModuleMatch, Objective, parse_loss_weights
@@ -116,11 +117,12 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData | Any, config:
                  kl_temperature: float = 1.0, kl_top_k: int | None = None, match: str = "attention",
                  lora: LoraOptions | None = None, run_dir: str | Path | None = None, resume: bool = False,
                  identity: dict | None = None, adapter_dir: str | Path | None = None,
-                 dist: dist_mod.DistInfo | None = None, max_steps: int | None = None) -> TrainingRun:
+                 dist: dist_mod.DistInfo | None = None, max_steps: int | None = None,
+                 teacher_context: int | None = None) -> TrainingRun:
     """Train ``model`` (in place) and return it merged. ``adapter_dir`` (lora) receives the peft adapter.
 
     Under several processes (``dist``) every rank calls this; rank 0 gets the merged full model, the others
-    get ``model=None`` in the result."""
+    get ``model=None`` in the result. ``teacher_context``: the teacher sees only each row's first tokens."""
     info = dist or dist_mod.DistInfo()
     kinds = parse_kinds(train)
     objectives = build_objectives(loss, student=model, kl_temperature=kl_temperature, kl_top_k=kl_top_k, match=match)
@@ -135,7 +137,8 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData | Any, config:
         template = copy.deepcopy(net).to("cpu")  # rank 0's unsharded copy receives the gathered weights at the end
     layers = decoder_layers(model) if info.enabled and info.mode == "fsdp" else None
     trainer = Trainer(net, data, objectives, config, teacher=teacher, run_dir=run_dir, resume=resume,
-                      identity={"method": method, "train": kinds, **(identity or {})}, dist=info, layers=layers)
+                      identity={"method": method, "train": kinds, **(identity or {})}, dist=info, layers=layers,
+                      teacher_context=teacher_context)
     before = trainer.heldout_loss()
     outcome = trainer.run(max_steps=max_steps)
     after = trainer.heldout_loss()
@@ -154,6 +157,10 @@ def run_training(model: nn.Module, tokenizer, *, data: PackedData | Any, config:
                        after, adapter_out)
 
 
+def _needs_teacher(loss: str) -> bool:
+    return any(name in ("kl", "match", "answer_kl") for name in parse_loss_weights(loss))
+
+
 def _save_dtype(loaded) -> torch.dtype | None:
     if loaded.path is None:
         return None
@@ -163,18 +170,18 @@ def _save_dtype(loaded) -> torch.dtype | None:
 
 
 def finetune(model: Any, *, steps: int | None = None, data: str | None = None, output: str | Path | None = None,
-             method: str = "lora", train: str | None = None, loss: str = "lm", teacher: Any = None,
+             method: str = "lora", train: str | None = None, loss: str | None = None, teacher: Any = None,
              kl_temperature: float = 1.0, kl_top_k: int | None = None, match: str = "attention",
              seq_len: int | None = None, batch: int | None = None, grad_accum: int = 1, lr: float | None = None,
              warmup: int | None = None, weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0,
-             mix_retrieval: float | None = None, heldout: float = 0.05, eval_every: int = 0, eval_rows: int = 32,
+             mix_retrieval: float | None = None, heldout: float = 0.05, eval_every: int = 0, eval_rows: int | None = None,
              run_dir: str | Path | None = None, resume: bool = False, save_every: str | None = None,
              save_adapter: str | Path | None = None, lora_rank: int = 8, lora_alpha: int = 16,
              grad_checkpoint: bool = False, bf16: str = "auto", dist: str = "fsdp", progress: str = "auto",
              plot: bool = False, dtype: str = "fp32", device: str = "auto", force: bool = False,
              tokenizer: Any = None, max_steps: int | None = None, context: str | int | None = None,
              rope_scale: str | None = None, group_size: str | int | None = None,
-             sinks: int | None = None) -> FinetuneResult:
+             sinks: int | None = None, short_frac: float | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (path / preset / LoadedModel / transformers model) and save it merged to ``output``.
 
     ``data``: see :mod:`seqtool.train.data` (None = built-in corpus); ``train``: module kinds; ``loss``:
@@ -197,7 +204,8 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
     long_attention = method if method in LONG_METHODS else None
     if long_attention is not None and context is None:
         raise BadInputError(f"--method {method} needs --context (e.g. --context 8k)")
-    for name, value in (("--rope-scale", rope_scale), ("--group-size", group_size), ("--sinks", sinks)):
+    for name, value in (("--rope-scale", rope_scale), ("--group-size", group_size), ("--sinks", sinks),
+                        ("--short-frac", short_frac)):
         if value is not None and context is None:
             raise BadInputError(f"{name} needs --context")
     recipe = LONG_RECIPE if context is not None else {}
@@ -211,6 +219,9 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
     batch = batch if batch is not None else recipe.get("batch", 8)
     mix_retrieval = mix_retrieval if mix_retrieval is not None else recipe.get("mix_retrieval", 0.0)
     lr = lr if lr is not None else recipe.get("lr")
+    warmup = warmup if warmup is not None else recipe.get("warmup")
+    eval_rows = eval_rows if eval_rows is not None else recipe.get("eval_rows", 32)
+    loss = loss if loss is not None else recipe.get("loss", "lm")
     if context is not None:
         from seqtool.utils import parse_length
 
@@ -248,19 +259,33 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
         long_setup = prepare_long_context(loaded.model.config, attention=long_attention, context=context,
                                           rope_scale=rope_scale, group_size=group_size, sinks=sinks,
                                           source_path=loaded.path)
-    teacher_model, teacher_name = None, None
+    teacher_model, teacher_name, teacher_context = None, None, None
+    if long_setup is not None and teacher is None and _needs_teacher(loss):
+        # The original model is the teacher of a context extension, on the positions it was trained for.
+        teacher_model, teacher_name = copy.deepcopy(loaded.model), f"{loaded.source} (before the extension)"
+        teacher_context = long_setup.teacher_context()
     if teacher is not None:
         t = as_loaded(teacher, None, dtype=dtype, device=str(dev), verb="fine-tune")
         check_teacher_tokenizer(loaded.tokenizer, t.tokenizer)
         teacher_model, teacher_name = t.model, str(t.source)
-    data_config = DataConfig(source=data, seq_len=seq_len, heldout=heldout, seed=seed, mix_retrieval=mix_retrieval,
-                             max_train_tokens=max(steps * batch * grad_accum * seq_len, 64 * seq_len) if data is None else None)
+    phases = [(steps, seq_len, batch)]
+    if long_setup is not None:
+        phases = long_setup.phases(steps, batch, short_frac if short_frac is not None else recipe.get("short_frac", 0.0),
+                                   recipe.get("short_batch", batch))
+    configs = [DataConfig(source=data, seq_len=length, heldout=heldout, seed=seed, mix_retrieval=mix_retrieval,
+                          max_train_tokens=max(n * b * grad_accum * length, 64 * length) if data is None else None)
+               for n, length, b in phases]
+    data_config = configs[-1]
     cache = Path(run_dir) / "data" if run_dir is not None else None
     if info.is_main:
-        packed = build_data(loaded.tokenizer, data_config, cache)
+        parts = [build_data(loaded.tokenizer, c, cache) for c in configs]
     dist_mod.barrier(info)
     if not info.is_main:
-        packed = build_data(loaded.tokenizer, data_config, cache)
+        parts = [build_data(loaded.tokenizer, c, cache) for c in configs]
+    packed = parts[0]
+    if len(parts) > 1:
+        packed = LengthSchedule(parts, [b for _, _, b in phases], list(itertools.accumulate(n for n, _, _ in phases)))
+        packed.heldout = parts[-1].heldout  # held-out loss at the final length
     adapter_tmp = None
     if save_adapter is not None and info.is_main:
         target = Path(save_adapter).expanduser().resolve()
@@ -275,7 +300,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
                            resume=resume, identity={"model": str(loaded.source), "teacher": teacher_name,
                                      "data_config": asdict(data_config),
                                      **({"long_context": long_setup.to_dict()} if long_setup else {})},
-                           adapter_dir=adapter_tmp, dist=info, max_steps=max_steps)
+                           adapter_dir=adapter_tmp, dist=info, max_steps=max_steps, teacher_context=teacher_context)
         if attention_handle is not None:  # the saved (merged) model uses full attention
             attention_handle.remove()
         out_path, adapter_out = None, None

@@ -24,7 +24,8 @@ LONG_TRAIN_KINDS = "attention,embed,norm"
 #: Defaults of a ``--context`` run where the user sets nothing (the recipe behind docs/long_context.md's numbers):
 #: one row of ``context`` tokens per step, 30 % synthetic retrieval rows (passkey, NIAH, ...) among the built-in
 #: text, LoRA at the engine's default rank and learning rate.
-LONG_RECIPE: dict[str, Any] = {"steps": 150, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.3}
+LONG_RECIPE: dict[str, Any] = {"steps": 150, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.3,
+                               "eval_rows": 8}
 
 
 @dataclass
@@ -48,6 +49,20 @@ class LongContextSetup:
     def recipe_fields(self) -> dict[str, Any]:
         return {**recipe_fields(self.plan), "attention": self.attention or "full", "group_size": self.group_size,
                 "sinks": self.sinks if self.attention == "sinklora" else None}
+
+    def teacher_context(self) -> int:
+        """Tokens the original model is valid for (its trained context; else the new context / the factor)."""
+        return int(self.plan.trained_context or round(self.plan.context / max(self.plan.factor, 1.0)))
+
+    def phases(self, steps: int, batch: int, short_frac: float, short_batch: int) -> list[tuple[int, int, int]]:
+        """The length schedule ``[(steps, row length, rows per step), ...]``: the first ``short_frac`` of the steps
+        on rows of the original context (``short_batch`` rows), the rest on rows of the new context."""
+        if not 0.0 <= short_frac < 1.0:
+            raise BadInputError(f"short_frac must be in [0, 1), got {short_frac}")
+        short_len, n_short = self.teacher_context(), int(round(steps * short_frac))
+        if n_short == 0 or short_len >= self.plan.context:
+            return [(steps, self.plan.context, batch)]
+        return [(n_short, short_len, short_batch), (steps - n_short, self.plan.context, batch)]
 
     def apply(self, model: Any) -> ShiftedAttentionHandle | None:
         """Extend ``model``'s context (config + rotary embeddings) and return the training-attention handle."""

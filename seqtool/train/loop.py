@@ -141,7 +141,7 @@ class Trainer:
                  teacher: nn.Module | None = None, run_dir: str | Path | None = None, resume: bool = False,
                  identity: dict | None = None, dist: dist_mod.DistInfo | None = None,
                  layers: nn.ModuleList | None = None, callbacks: list | None = None,
-                 allow_changes_on_resume: bool = False):
+                 allow_changes_on_resume: bool = False, teacher_context: int | None = None):
         config.check()
         if not objectives:
             raise BadInputError("no training objective given")
@@ -152,13 +152,16 @@ class Trainer:
         if config.batch % self.dist.world:
             raise BadInputError(f"--batch {config.batch} must be divisible by the number of processes ({self.dist.world})")
         self.teacher = teacher
+        # The teacher sees only the first ``teacher_context`` tokens of a row (a model that is only valid up to
+        # its trained context, e.g. the original model of a context extension); its logits are then shorter.
+        self.teacher_context = teacher_context
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.callbacks = list(callbacks or [])  # fn(trainer, record) after every step (may add to the record)
         self.allow_changes_on_resume = allow_changes_on_resume
         self.identity = {"config": {k: v for k, v in _jsonable(asdict(config)).items() if k not in RESUME_FREE},
                          "data_rows": data.fingerprint, "objectives": [o.describe() for o in objectives],
-                         **(identity or {})}
+                         **({"teacher_context": teacher_context} if teacher_context else {}), **(identity or {})}
         self.device = next(model.parameters()).device
         if config.grad_checkpoint:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -318,7 +321,8 @@ class Trainer:
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = self._forward(self.teacher, ids).logits
+                    t_ids = ids if not self.teacher_context else ids[:, :self.teacher_context]
+                    teacher_logits = self._forward(self.teacher, t_ids).logits
             ctx = StepContext(input_ids=ids, labels=labels, logits=out.logits, target_mask=labels[:, 1:] != IGNORE,
                               token_scale=token_scale, micro_scale=micro_scale, teacher_logits=teacher_logits,
                               aux_terms=sink, outputs=out, batch=local)

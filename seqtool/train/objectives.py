@@ -48,7 +48,8 @@ def emit_aux_loss(name: str, value: torch.Tensor) -> None:
 class StepContext:
     """What an objective sees for one micro-batch.
 
-    ``input_ids``/``labels`` (B, L); ``logits`` (B, L, V) of the student; ``teacher_logits`` (B, L, V) or None;
+    ``input_ids``/``labels`` (B, L); ``logits`` (B, L, V) of the student; ``teacher_logits`` (B, Lt, V) or None
+    (Lt <= L: a teacher that saw only the row's first Lt tokens, see :func:`teacher_span`);
     ``target_mask`` (B, L-1) bool: position t has a next-token target; ``token_scale``: world / (target tokens
     in the whole optimizer step, all processes); ``micro_scale``: 1 / micro-batches per step."""
 
@@ -86,6 +87,11 @@ class Objective:
         raise NotImplementedError
 
 
+def teacher_span(ctx: StepContext, teacher_len: int) -> int:
+    """How many leading positions (of the L-1 that have a next-token target) student and teacher share."""
+    return min(int(teacher_len), ctx.logits.shape[1] - 1)
+
+
 class LMLoss(Objective):
     """Causal-LM cross-entropy (sum over target tokens × ``ctx.token_scale``)."""
 
@@ -121,9 +127,10 @@ class KLDistill(Objective):
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         if ctx.teacher_logits is None:
             raise BadInputError("the kl objective needs a teacher (--teacher)")
-        mask = ctx.target_mask
-        s = ctx.logits[:, :-1][mask].float() / self.temperature            # (T, V)
-        t = ctx.teacher_logits[:, :-1][mask].float() / self.temperature    # (T, V)
+        n = teacher_span(ctx, ctx.teacher_logits.shape[1])                  # a shorter teacher: its positions only
+        mask = ctx.target_mask[:, :n]
+        s = ctx.logits[:, :n][mask].float() / self.temperature             # (T, V)
+        t = ctx.teacher_logits[:, :n][mask].float() / self.temperature     # (T, V)
         log_q = F.log_softmax(s, dim=-1)
         if self.top_k is not None and self.top_k < t.shape[-1]:
             top, idx = t.topk(self.top_k, dim=-1)
@@ -159,7 +166,12 @@ class AnswerLoss(Objective):
         if self.teacher:
             if ctx.teacher_logits is None:
                 raise BadInputError("the answer_kl objective needs a teacher (--teacher)")
-            log_p = F.log_softmax(ctx.teacher_logits[:, :-1][mask].float(), dim=-1)
+            span = teacher_span(ctx, ctx.teacher_logits.shape[1])
+            mask, pred = mask[:, :span], ctx.logits[:, :span][mask[:, :span]].float()
+            if not bool(mask.any()):                                   # every answer lies beyond the teacher
+                return (ctx.logits.sum() * 0.0).float()
+            n = int(mask.sum())
+            log_p = F.log_softmax(ctx.teacher_logits[:, :span][mask].float(), dim=-1)
             kl = (log_p.exp() * (log_p - F.log_softmax(pred, dim=-1))).sum()
             return kl / n * ctx.micro_scale
         target = ctx.input_ids[:, 1:][mask]                            # (n,)
@@ -218,8 +230,9 @@ class ModuleMatch(Objective):
             s, t = self.student_out.pop(name, None), self.teacher_out.pop(name, None)
             if s is None or t is None:
                 raise RuntimeError(f"module '{name}' did not run in the student and the teacher")
-            err = (s[:, :-1].float() - t[:, :-1].float().detach()).pow(2).mean(-1)   # (B, L-1)
-            total = total + err[mask].sum()
+            n = teacher_span(ctx, t.shape[1])
+            err = (s[:, :n].float() - t[:, :n].float().detach()).pow(2).mean(-1)   # (B, n)
+            total = total + err[mask[:, :n]].sum()
         return total / len(self.modules) * ctx.token_scale
 
 

@@ -57,3 +57,53 @@ def test_rope_scale_refused_where_transformers_cannot_load_it(tmp_path):
     result = run("finetune", "tiny-phi3", "--method", "sinklora", "--context", "256", "--rope-scale", "linear:2",
                  "--steps", "1", "-o", str(tmp_path / "o"))
     assert result.exit_code == 2 and "Phi3Config does not accept RoPE 'linear'" in result.output
+
+
+def test_recipe_schedule_and_self_teacher(tmp_path):
+    """--context with a kl loss and no --teacher: the model before the extension teaches on its trained context
+    (here 256 / linear:2 = 128 tokens); --short-frac puts the first steps on rows of that length."""
+    out = tmp_path / "out"
+    result = run("finetune", "tiny-llama", "--method", "sinklora", "--context", "256", "--rope-scale", "linear:2",
+                 "--steps", "4", "--short-frac", "0.5", "--loss", "lm=1,kl=1", "--mix-retrieval", "0",
+                 "--threads", "1", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["teacher"] == "tiny-llama (before the extension)"
+    assert data["data"]["schedule"] == [{"until_step": 2, "seq_len": 128, "batch": 1},
+                                        {"until_step": 4, "seq_len": 256, "batch": 1}]
+    assert data["loss_final"]["loss_kl"] > 0  # the scaled RoPE differs from the teacher's
+
+
+@pytest.mark.parametrize("frac, want", [(0.0, [(10, 8192, 1)]), (0.7, [(7, 2048, 2), (3, 8192, 1)]),
+                                        (0.5, [(5, 2048, 2), (5, 8192, 1)])])
+def test_phases(frac, want):
+    from seqtool.arch.rope_scaling import plan_context_extension
+    from seqtool.train.long_context import LongContextSetup
+
+    plan = plan_context_extension({"model_type": "llama", "max_position_embeddings": 2048, "rope_theta": 1e4,
+                                   "head_dim": 16}, "8k", "linear:4", known_trained_context=(2048, "test"))
+    setup = LongContextSetup(plan, "sinklora", 2048, 4)
+    assert setup.teacher_context() == 2048
+    assert setup.phases(10, 1, frac, 2) == want
+    with pytest.raises(Exception, match="short_frac"):
+        setup.phases(10, 1, 1.0, 2)
+
+
+def test_rope_scale_on_a_model_without_rope_is_one_line_exit_2(tmp_path):
+    """GraniteMoeHybrid with position_embedding_type None ("nope") keeps rope_parameters in its config but uses no
+    rotary embeddings: --rope-scale is refused; without it the context grows with RoPE unchanged."""
+    from transformers import AutoTokenizer, GraniteMoeHybridConfig
+
+    from seqtool.zoo import presets
+
+    config = GraniteMoeHybridConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=0,
+                                    shared_intermediate_size=128, layer_types=["attention", "attention"])
+    assert config.position_embedding_type is None and config.rope_parameters  # the trap: parameters, no RoPE
+    src = tmp_path / "nope"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    AutoTokenizer.from_pretrained(presets.REF_DIR).save_pretrained(src)
+    result = run("finetune", str(src), "--method", "sinklora", "--context", "256", "--rope-scale", "linear:2",
+                 "--steps", "1", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "has no rotary embeddings" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()

@@ -126,3 +126,33 @@ def test_answer_kl_is_the_mean_kl_over_answer_positions_and_zero_against_itself(
     torch.testing.assert_close(obj(ctx), want, rtol=1e-5, atol=1e-6)
     ctx.teacher_logits = ctx.logits.detach()
     assert abs(float(obj(ctx).detach())) < 1e-5
+
+
+def test_a_teacher_of_the_first_tokens_only_is_the_full_teacher_masked_to_them(model):
+    """``Trainer(teacher_context=n)`` feeds the teacher ``ids[:, :n]``: causal, so its logits are the full-row
+    teacher's first n; kl / match / answer_kl then equal the full-teacher terms restricted to those positions."""
+    ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        n = 10
+        full = _ctx(model, ids, teacher=teacher)
+        short = _ctx(model, ids, teacher=teacher)
+        short.teacher_logits = teacher(input_ids=ids[:, :n]).logits
+        torch.testing.assert_close(short.teacher_logits, full.teacher_logits[:, :n], rtol=1e-5, atol=1e-5)
+        masked = _ctx(model, ids, teacher=teacher)
+        masked.target_mask = masked.target_mask.clone()
+        masked.target_mask[:, n:] = False          # the same positions, with the row's token normalisation kept
+        torch.testing.assert_close(KLDistill()(short), KLDistill()(masked), rtol=1e-5, atol=1e-6)
+        assert float(KLDistill()(short)) < float(KLDistill()(full))
+        answers = torch.zeros_like(ids, dtype=torch.bool)
+        answers[0, 6:8] = True                      # predicted at 5, 6 (inside the teacher's span)
+        answers[1, 20] = True                       # predicted at 19: beyond it, left out
+        inside = answers.clone()
+        inside[1, 20] = False
+        short.batch, full.batch = {"answer_mask": answers}, {"answer_mask": inside}
+        torch.testing.assert_close(AnswerLoss(teacher=True)(short), AnswerLoss(teacher=True)(full), rtol=1e-5,
+                                   atol=1e-6)
+        short.batch = {"answer_mask": torch.zeros_like(answers).index_fill_(1, torch.tensor([20]), True)}
+        assert float(AnswerLoss(teacher=True)(short)) == 0.0
