@@ -193,7 +193,8 @@ def _recurrent_state_bytes(config: Any) -> int | None:
 
 # Options that change where results go or how progress shows, not what is held in memory.
 _NEUTRAL = {"output", "force", "in_place", "run_dir", "resume", "threads", "progress", "quiet", "json", "json_out",
-            "plot", "eval_every", "save_every", "seed", "max_seconds", "csv", "csv_path", "plot_path"}
+            "plot", "eval_every", "save_every", "seed", "max_seconds", "csv", "csv_path", "plot_path",
+            "fail_under", "fail_over"}  # CI gates read results; they hold nothing
 
 
 def _take(options: dict, command: str, allowed: dict[str, Any]) -> dict[str, Any]:

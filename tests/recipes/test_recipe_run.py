@@ -219,3 +219,16 @@ def test_a_recipe_without_model_uses_the_project_default(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     checked = json.loads(result.stdout)
     assert checked["recipe"]["model"] == "tiny-qwen2" and checked["steps"][0]["options"]["dtype"] == "fp32"
+
+
+def test_dry_run_of_the_example_recipe_plans_every_step_without_loading_weights():
+    """The shipped recipe through the real seqtool.plan: one plan row per step, a peak memory each."""
+    result = _run("run", "examples/recipe.yaml", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    steps = plan["steps"]
+    assert [s["command"] for s in steps] == ["prune", "convert", "patch", "eval", "profile"]
+    assert all(s["peak_bytes"] > 0 for s in steps)
+    assert steps[0]["params_delta"] < 0  # prune 0.2 removes MLP channels
+    assert steps[1]["kv_bytes_per_token"] * 2 == steps[0]["kv_bytes_per_token"]  # 8 -> 4 KV heads
+    assert "peak memory" in _run("run", "examples/recipe.yaml", "--dry-run").stdout
