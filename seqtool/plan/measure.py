@@ -30,6 +30,20 @@ from typing import Any
 MMAP_THRESHOLD = 65536
 
 
+# The steps the issue names, sized for ``ref`` (tests/plan and ``benchmarks/memory_plan.py --steps ref``), with the
+# cheaper options their warm-up runs on tiny-llama (same code paths, shorter).
+REF_STEPS: list[tuple[str, dict, dict]] = [
+    ("inspect", {}, {}),
+    ("profile", {"seq_len": 1024, "decode_tokens": 8, "warmup": 0, "repeats": 1},
+     {"seq_len": 64, "decode_tokens": 2, "warmup": 0, "repeats": 1}),
+    ("eval", {"task": "ppl", "seq_len": 1024, "ppl_tokens": 4096}, {"task": "ppl", "seq_len": 64, "ppl_tokens": 256}),
+    ("prune", {"ratio": 0.2, "samples": 16, "seq_len": 128}, {"ratio": 0.2, "samples": 2, "seq_len": 32}),
+    ("convert", {"to": "gqa", "kv_heads": 4}, {"to": "gqa", "kv_heads": 2}),
+    ("finetune", {"method": "lora", "steps": 2, "batch": 2, "seq_len": 256, "eval_rows": 2},
+     {"method": "lora", "steps": 1, "batch": 1, "seq_len": 32, "eval_rows": 1}),
+]
+
+
 def run_step(model: str, command: str, options: dict, *, dtype: str | None, device: str = "cpu",
              workdir: str | Path) -> None:
     """Run one step the way its CLI command does (outputs written under ``workdir``)."""
@@ -62,7 +76,8 @@ def run_step(model: str, command: str, options: dict, *, dtype: str | None, devi
     elif command == "finetune":
         from seqtool.train.finetune import finetune
 
-        finetune(model, output=out, dtype=dtype or "fp32", device=device, progress="off", **opts)
+        finetune(model, output=out, dtype=dtype if dtype not in (None, "auto") else "fp32", device=device,
+                 progress="off", **opts)
     else:
         raise ValueError(f"no measurement for step '{command}'")
 
