@@ -99,7 +99,7 @@ def render(cache: dict, model: str, dtype: str) -> str:
 
     default = any("measured_default_malloc_bytes" in r for r in cache["rows"].values())
     extra_head = " measured, default malloc |" if default else ""
-    lines = [f"| step | options | predicted peak | measured peak |{extra_head} error | within bar | largest predicted parts |",
+    lines = [f"| step | options | predicted peak | measured peak |{extra_head} error | within bar | largest predicted parts (MiB) |",
              "|---|---|---|---|---|---|---|" + ("---|" if default else "")]
     for command, options in STEPS:
         row = cache["rows"].get(key_of(model, dtype, command, options))
@@ -111,14 +111,14 @@ def render(cache: dict, model: str, dtype: str) -> str:
             lines.append(f"| {command} | {opts} | {predicted / 2**20:.1f} MiB | (not measured) |{' |' if default else ''} | | {parts} |")
             continue
         measured = row["measured_bytes"]
-        err = (predicted - measured) / measured if measured else float("nan")
+        err = f"{(predicted - measured) / 2**20:+.1f} MiB ({(predicted - measured) / measured:+.1%})"
         ok = "yes" if within_bar(predicted, measured) else "**no**"
         extra = ""
         if default:
             d = row.get("measured_default_malloc_bytes")
             extra = f" {d / 2**20:.1f} MiB |" if d is not None else " |"
         lines.append(f"| {command} | {opts} | {predicted / 2**20:.1f} MiB | {measured / 2**20:.1f} MiB |{extra} "
-                      f"{err:+.1%} | {ok} | {parts} |")
+                      f"{err} | {ok} | {parts} |")
     return "\n".join(lines)
 
 

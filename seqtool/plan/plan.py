@@ -344,18 +344,21 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     weights = weight_bytes(model)
     tokens = min(int(FILLER_CHARS / _chars_per_token(state.tokenizer)), o["ppl_tokens"] or 10**12)
     stream = int(FILLER_CHARS / _chars_per_token(state.tokenizer)) * (ID_LIST_BYTES_PER_TOKEN + 8)
-    several = tokens > T - 1  # more than one window: the previous window's fp32 logits are alive in the next
-    prev = T * vocab * 4 if several else 0
     use_cache = bool(getattr(model.config, "use_cache", True))
     kv = kv_bytes(model.config, tokens=T, batch=1, b=b) if use_cache else 0
-    base = {"weights": weights, "tokenized text": stream}
+    # More than one window: the previous window's fp32 logits are still referenced during the next forward, and
+    # its KV cache (a reference cycle) until the garbage collector runs.
+    several = tokens > T - 1
+    prev = {"previous window's logits": T * vocab * 4, "previous window's kv cache": kv} if several else {}
+    base = {"weights": weights, "tokenized text": stream, **prev}
     phases = [Phase("load", _load_parts(state, model, device)),
-              Phase("forward", {**base, "previous window's logits": prev, "kv cache": kv,
+              Phase("forward", {**base, "kv cache": kv,
                                 "activations": max(forward_bytes(model.config, batch=1, seq_len=T, b=b),
                                                    T * vocab * b)})]
     if b != 4:
-        phases.append(Phase("logits to fp32", {**base, "previous window's logits": prev, "kv cache": kv,
-                                               "logits": T * vocab * b, "fp32 logits": T * vocab * 4}))
+        phases.append(Phase("logits to fp32", {**base, "kv cache": kv, "logits": T * vocab * b,
+                                               "fp32 logits": T * vocab * 4}))
+    base = {"weights": weights, "tokenized text": stream}
     phases.append(Phase("cross-entropy", {**base, "fp32 logits": T * vocab * 4, "log-softmax": T * vocab * 4}))
     return _Outcome(phases, tokens=T)
 
