@@ -112,8 +112,6 @@ class _State:
 
 
 def _initial_state(model: str) -> _State:
-    import torch
-
     from seqtool.arch.io import checkpoint_dtype, load_model
     from seqtool.arch.paths import check_source
     from seqtool.zoo import presets
@@ -411,7 +409,7 @@ def _no_recover(o: dict, command: str) -> None:
 
 def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.convert.prune import PruneConversion, parse_targets, plan_prune
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = _take(options, "prune", {"ratio": None, "target": "heads,mlp", "criterion": "amp", "round_to": None,
                                  "gqa_unit": "query", "calib": None, "samples": 50, "seq_len": 128, "seed": 0,
@@ -435,7 +433,6 @@ def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     setattr(after, keys["head_dim"], head_dim)
     setattr(after, keys["intermediate"], p.intermediate)
     model_after = _meta_model(after, next(model.parameters()).dtype)
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     if conv.needs_calibration:
         phases.append(_calibration_phase(state, model, b, o["samples"], o["seq_len"], amp_hook=True))
@@ -454,7 +451,7 @@ def _heads(config):
 
 def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.convert.base import make_conversion
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = dict(options)
     to = o.pop("to", None)
@@ -472,7 +469,6 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     after = copy.deepcopy(model.config)
     setattr(after, get_family(model).config_keys["kv_heads"], conv.kv_heads)
     model_after = _meta_model(after, next(model.parameters()).dtype)
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     samples, seq_len = run.get("samples", 50), run.get("seq_len", 128)
     if conv.needs_calibration:
@@ -483,7 +479,7 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
 
 
 def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.plan.memory import (Phase, dims, forward_bytes, lora_params, loss_bytes, tokenize_bytes,
+    from seqtool.plan.memory import (Phase, dims, lora_params, loss_bytes, tokenize_bytes,
                                      training_saved_bytes_per_token, weight_bytes)
     from seqtool.train.kinds import DEFAULT_KINDS, parse_kinds
 
@@ -576,13 +572,12 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
 
 
 def _plan_patch(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = _take(options, "patch", {"method": None, "budget": None, "dense_layers": None, "set_options": None,
                                  "set": None, "report": False, "probe_tokens": 512, "force": None, "in_place": None})
     if o["report"]:
         raise UnpredictableStepError("step 'patch': --report (a probe run with recall meters) is not modelled")
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     phases += _save_phases(model, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
     return _Outcome(phases, writes=True, notes=[f"patch {o['method']}: weights unchanged; KV/token is the dense "
@@ -620,7 +615,8 @@ def plan_recipe(model: str, steps: list[tuple[str, dict]], *, device: str = "cpu
     from seqtool.arch.registry import kv_cache_bytes_per_token, layer_kinds
     from seqtool.plan.memory import peak
 
-    device = resolve_device(device).type
+    # a plan is for a device, not on it: planning for cuda needs no GPU here
+    device = "cuda" if str(device).startswith("cuda") else resolve_device(device).type
     state = _initial_state(model)
     plans = []
     for index, (command, options) in enumerate(steps):
