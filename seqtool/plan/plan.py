@@ -204,10 +204,11 @@ def _take(options: dict, command: str, allowed: dict[str, Any]) -> dict[str, Any
     return {**allowed, **{k: v for k, v in options.items() if v is not None}}
 
 
-def _length(value, name: str) -> int:
+def _length(value: int | str) -> int:
+    """A length option: an integer or "2k"-style text."""
     from seqtool.utils import parse_length
 
-    return parse_length(value) if not isinstance(value, int) else value
+    return parse_length(value)
 
 
 def _load_parts(state: _State, model, device: str) -> dict[str, int]:
@@ -300,9 +301,9 @@ def _plan_profile(state, model, options, b, device, dtype) -> _Outcome:
     if o["sweep"]:
         from seqtool.utils import parse_length_list
 
-        lengths = parse_length_list(o["sweep"]) if isinstance(o["sweep"], str) else [_length(x, "sweep") for x in o["sweep"]]
+        lengths = parse_length_list(o["sweep"]) if isinstance(o["sweep"], str) else [_length(x) for x in o["sweep"]]
     else:
-        lengths = [_length(o["seq_len"], "seq_len")]
+        lengths = [_length(o["seq_len"])]
     weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     for length in lengths:
@@ -336,7 +337,7 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
         raise UnpredictableStepError(f"step 'eval': attention '{o['attn']}' is not modelled (sdpa)")
     _require_plain(model.config, "eval")
     lengths = o["seq_lens"] or [o["seq_len"]]
-    lengths = [_length(x, "seq_len") for x in (lengths.split(",") if isinstance(lengths, str) else lengths)]
+    lengths = [_length(x) for x in (lengths.split(",") if isinstance(lengths, str) else lengths)]
     T = max(lengths)
     _, _, _, _, _, _, vocab = dims(model.config)
     weights = weight_bytes(model)
