@@ -34,6 +34,9 @@ STEPS: list[tuple[str, dict]] = [
 ]
 
 
+WARMUPS: dict[str, dict] = {}  # step key -> cheaper options for the tiny-llama warm-up (default: the step's own)
+
+
 def within_bar(predicted: int, measured: int) -> bool:
     return abs(predicted - measured) <= max(0.2 * measured, 16 * 2**20)
 
@@ -57,9 +60,10 @@ def main() -> None:
                    help="also measure with glibc's default (adaptive) mmap threshold: an extra column")
     args = p.parse_args()
     if args.steps == "ref":
-        from seqtool.plan.measure import REF_STEPS
+        from seqtool.plan.measure import REF_EXTRA_STEPS, REF_STEPS
 
-        STEPS[:] = [(c, o) for c, o, _ in REF_STEPS]
+        STEPS[:] = [(c, o) for c, o, _ in REF_STEPS + REF_EXTRA_STEPS]
+        WARMUPS.update({key_of(args.model, args.dtype, c, o): w for c, o, w in REF_STEPS + REF_EXTRA_STEPS})
 
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"rows": {}}
@@ -71,12 +75,14 @@ def main() -> None:
             if key in cache["rows"] and not args.remeasure:
                 continue
             started = time.time()
-            reading = measure_peak(args.model, command, options, dtype=args.dtype)
+            warm = WARMUPS.get(key)
+            reading = measure_peak(args.model, command, options, dtype=args.dtype, warmup_options=warm)
             cache["rows"][key] = {"model": args.model, "dtype": args.dtype, "command": command, "options": options,
                                   "measured_bytes": reading["peak_bytes"], "method": reading["method"],
                                   "seconds": round(time.time() - started, 1)}
             if args.default_malloc:
-                default = measure_peak(args.model, command, options, dtype=args.dtype, fixed_mmap=False)
+                default = measure_peak(args.model, command, options, dtype=args.dtype, fixed_mmap=False,
+                                       warmup_options=warm)
                 cache["rows"][key]["measured_default_malloc_bytes"] = default["peak_bytes"]
             cache["machine"] = {"platform": platform.platform(), "threads": 1}
             cache_path.parent.mkdir(parents=True, exist_ok=True)

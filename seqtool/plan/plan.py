@@ -499,8 +499,14 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
         raise BadInputError(f"step 'finetune': unknown method '{method}'")
     if o["data"] is not None:
         raise UnpredictableStepError("step 'finetune': --data files are not modelled (built-in corpus only)")
-    if o["loss"] != "lm" or o["teacher"] is not None:
-        raise UnpredictableStepError("step 'finetune': only the lm objective without a teacher is modelled")
+    from seqtool.train.objectives import parse_loss_weights
+
+    objectives = set(parse_loss_weights(o["loss"]) if isinstance(o["loss"], str) else o["loss"])
+    if objectives - {"lm", "kl"} or o["kl_top_k"] is not None:
+        raise UnpredictableStepError(f"step 'finetune': only the lm and kl objectives are modelled, not "
+                                     f"{o['loss']}" + (" with kl_top_k" if o["kl_top_k"] is not None else ""))
+    if "kl" in objectives and o["teacher"] is None:
+        raise BadInputError("step 'finetune': the kl objective needs a teacher")
     if o["bf16"] == "on" or (o["bf16"] == "auto" and device != "cpu"):
         raise UnpredictableStepError("step 'finetune': bf16 autocast is not modelled (CPU, --bf16 off)")
     _require_plain(model.config, "finetune")
@@ -561,15 +567,45 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
     chars = sum(map(len, _builtin_docs("train", max_chars)))
     chars += sum(map(len, _builtin_docs("heldout", min(_MAX_HELDOUT_ROWS * seq_len * 6, 2_000_000))))
     text = tokenize_bytes(chars, _chars_per_token(state.tokenizer))
-    phases = [Phase("load", _load_parts(state, model, device)),
-              Phase("train step", {"weights": weights, "tokenized text": text,
-                                   "trainable + gradients + AdamW": optim, "activations (saved for backward)": saved,
-                                   "logits + loss gradients": loss_bytes(n, vocab, b)})]
+    base = {"weights": weights, "tokenized text": text, "trainable + gradients + AdamW": optim,
+            "activations (saved for backward)": saved}
+    phases = [Phase("load", _load_parts(state, model, device))]
+    if o["teacher"] is None:
+        phases.append(Phase("train step", {**base, "logits + loss gradients": loss_bytes(n, vocab, b)}))
+    else:
+        phases += _teacher_phases(state, o["teacher"], model, base, objectives, n=n, batch=batch,
+                                  seq_len=seq_len, vocab=vocab, b=b, device=device)
     save_dtype = state.file_dtype if state.on_disk else next(model.parameters()).dtype
     model_after = _meta_model(after or model.config, save_dtype)
     phases += _save_phases(model_after, save_dtype.itemsize, save_dtype, device)
     return _Outcome(phases, tokens=seq_len, config=after, writes=True, save_dtype=save_dtype,
                     notes=notes + [f"{trainable:,} trainable parameters ({method})"])
+
+
+def _teacher_phases(state, teacher: str, model, base: dict, objectives: set[str], *, n: int, batch: int,
+                    seq_len: int, vocab: int, b: int, device: str) -> list:
+    """A frozen teacher (finetune --teacher, loss kl): its weights (same dtype as the student), its no-grad
+    forward after the student's (its layer activations and logits beside everything the student keeps), then the
+    objectives: the LM loss keeps its fp32 log-softmax; KL (train.objectives.KLDistill) builds fp32 student and
+    teacher logits, both log-softmaxes, the teacher's probabilities, their difference and its product with them
+    (7 fp32 (tokens, V) tensors at once), and keeps log q and p for backward."""
+    from seqtool.plan.memory import Phase, forward_bytes, weight_bytes
+
+    if teacher == state.source:
+        teacher_model = model
+    else:
+        teacher_state = _initial_state(teacher)
+        teacher_model = _meta_model(teacher_state.config, next(model.parameters()).dtype)
+        _require_plain(teacher_model.config, "finetune --teacher")
+    parts = {**base, "teacher weights": weight_bytes(teacher_model), "logits": n * vocab * b,
+             "teacher logits": n * vocab * b}
+    forward = Phase("teacher forward", {**parts, "teacher activations": forward_bytes(
+        teacher_model.config, batch=batch, seq_len=seq_len, b=b)})
+    lm_kept = n * vocab * 4 if "lm" in objectives else 0
+    kl = Phase("objectives", {**parts, "lm log-softmax": lm_kept, "kl fp32 temporaries": 7 * n * vocab * 4})
+    backward = Phase("backward start", {**parts, "lm log-softmax": lm_kept, "kl kept for backward": 2 * n * vocab * 4,
+                                        "loss gradients": 3 * n * vocab * 4})
+    return [forward, kl, backward]
 
 
 def _plan_patch(state, model, options, b, device, dtype) -> _Outcome:

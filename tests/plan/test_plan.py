@@ -67,6 +67,7 @@ def test_plan_allocates_no_weights():
     ([("prune", {"ratio": 0.2, "recover": "lora"})], "--recover lora is not modelled"),
     ([("profile", {"attn": "streaming:budget=64"})], "is not modelled"),
     ([("profile", {"bogus": 1})], "bogus"),
+    ([("finetune", {"steps": 1, "loss": "lm=1,match=1", "teacher": "tiny-llama"})], "only the lm and kl"),
 ])
 def test_unmodelled_steps_fail_with_one_line(steps, message):
     with pytest.raises(UnpredictableStepError) as info:
