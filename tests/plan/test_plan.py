@@ -12,11 +12,21 @@ from seqtool.plan.measure import REF_STEPS, measure_peak
 
 MiB = 2**20
 
-@pytest.mark.parametrize("command,options,warmup", REF_STEPS, ids=[c for c, _, _ in REF_STEPS])
-def test_predicted_peak_matches_measured_on_ref(command, options, warmup):
-    """Each step in a fresh process (seqtool.plan.measure: peak-RSS increase after a warm-up on tiny-llama)."""
+@pytest.fixture(scope="module")
+def ref_peaks():
+    """Measured peaks of REF_STEPS, each in a fresh process (seqtool.plan.measure: peak-RSS increase after a
+    warm-up on tiny-llama); two processes at a time (they measure their own RSS, so they do not disturb each other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda step: measure_peak("ref", step[0], step[1], warmup_options=step[2]), REF_STEPS))
+
+
+@pytest.mark.parametrize("index", range(len(REF_STEPS)), ids=[c for c, _, _ in REF_STEPS])
+def test_predicted_peak_matches_measured_on_ref(index, ref_peaks):
+    command, options, _ = REF_STEPS[index]
     predicted = plan_recipe("ref", [(command, options)]).steps[0].peak_bytes
-    measured = measure_peak("ref", command, options, warmup_options=warmup)["peak_bytes"]
+    measured = ref_peaks[index]["peak_bytes"]
     bar = max(0.2 * measured, 16 * MiB)
     assert abs(predicted - measured) <= bar, (
         f"{command}: predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB")
