@@ -12,11 +12,16 @@ from typing import Any
 from seqtool.arch.registry import config_value, head_counts, kv_cache_bytes_per_token, layer_kinds
 from seqtool.profile.estimate import layer_activation_bytes
 
-# Fast (Rust) tokenizers hold per token: id, type id, token string, offsets, masks (~92 B), and the Python list
-# of ids (int object + pointer, 36 B) plus the attention-mask list (8 B) handed back to Python.
-TOKENIZER_BYTES_PER_TOKEN = 136
-# A list of Python ints (ids above 256 are objects of 28 B, plus the list's 8 B pointer).
-ID_LIST_BYTES_PER_TOKEN = 36
+# A fast (Rust) tokenizer's encoding holds per token an id, type id, token string, offsets and masks (~92 B);
+# handed to Python, the ids and the attention mask become lists (8 B pointers each) of int objects, of which only
+# ids above 256 are new objects (28 B: CPython shares the small ints).
+ENCODING_BYTES_PER_TOKEN = 92
+INT_OBJECT_BYTES = 28
+
+
+def id_list_bytes(large_id_share: float) -> float:
+    """Bytes per token of a Python list of token ids (``large_id_share``: the share of ids above 256)."""
+    return 8 + INT_OBJECT_BYTES * large_id_share
 
 
 ATTENTION_PROJ = ("q", "k", "v", "o")
@@ -124,9 +129,11 @@ def loss_bytes(tokens: int, vocab: int, b: int) -> int:
     return tokens * vocab * (b + 4 + 4 + 4)
 
 
-def tokenize_bytes(chars: int, chars_per_token: float) -> int:
-    """A fast tokenizer's memory for ``chars`` characters tokenized in one call (see TOKENIZER_BYTES_PER_TOKEN)."""
-    return int(chars / max(chars_per_token, 1e-9) * TOKENIZER_BYTES_PER_TOKEN) + chars
+def tokenize_bytes(chars: int, chars_per_token: float, large_id_share: float) -> int:
+    """A fast tokenizer's memory for ``chars`` characters tokenized in one call: the text, the encodings and the
+    id and attention-mask lists."""
+    per_token = ENCODING_BYTES_PER_TOKEN + id_list_bytes(large_id_share) + 8
+    return int(chars / max(chars_per_token, 1e-9) * per_token) + chars
 
 
 __all__ = ["Phase", "peak", "weight_bytes", "largest_tensor", "dims", "kv_bytes", "forward_bytes",

@@ -163,15 +163,28 @@ def _compute_dtype(state: _State, requested: str | None, device: str, command: s
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _chars_per_token(tokenizer) -> float:
-    """Characters per token of ``tokenizer`` on 20 000 characters of the built-in held-out text."""
+_TOKEN_STATS: dict[int, tuple[float, float]] = {}
+
+
+def _token_stats(tokenizer) -> tuple[float, float]:
+    """(characters per token, share of ids above 256) of ``tokenizer`` on 20 000 characters of the built-in
+    held-out text (a tokenizer is not weights: loading and running it is cheap)."""
     from seqtool.zoo.corpus import load_text
 
-    sample = load_text("heldout", 20_000)
-    if tokenizer is None or not sample:
-        return 1.0
-    n = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"])
-    return len(sample) / max(n, 1)
+    key = id(tokenizer)
+    if key not in _TOKEN_STATS:
+        sample = load_text("heldout", 20_000)
+        if tokenizer is None or not sample:
+            return 1.0, 1.0
+        ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
+        _TOKEN_STATS[key] = (len(sample) / max(len(ids), 1), sum(i > 256 for i in ids) / max(len(ids), 1))
+    return _TOKEN_STATS[key]
+
+
+def _text_bytes(tokenizer, chars: int) -> int:
+    from seqtool.plan.memory import tokenize_bytes
+
+    return tokenize_bytes(chars, *_token_stats(tokenizer))
 
 
 def _require_plain(config: Any, command: str) -> None:
@@ -322,7 +335,7 @@ def _file_bytes(state: _State, model) -> int:
 
 def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.eval.runner import FILLER_CHARS, PPL_TOKENS, parse_tasks
-    from seqtool.plan.memory import ID_LIST_BYTES_PER_TOKEN, Phase, dims, forward_bytes, kv_bytes, weight_bytes
+    from seqtool.plan.memory import Phase, dims, forward_bytes, id_list_bytes, kv_bytes, weight_bytes
 
     o = _take(options, "eval", {"task": "ppl", "tasks": None, "seq_len": 2048, "seq_lens": None,
                                 "ppl_tokens": PPL_TOKENS, "stride": None, "attn": None, "samples": 20,
@@ -341,8 +354,10 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     T = max(lengths)
     _, _, _, _, _, _, vocab = dims(model.config)
     weights = weight_bytes(model)
-    tokens = min(int(FILLER_CHARS / _chars_per_token(state.tokenizer)), o["ppl_tokens"] or 10**12)
-    stream = int(FILLER_CHARS / _chars_per_token(state.tokenizer)) * (ID_LIST_BYTES_PER_TOKEN + 8)
+    chars_per_token, large_ids = _token_stats(state.tokenizer)
+    stream_tokens = int(FILLER_CHARS / chars_per_token)
+    tokens = min(stream_tokens, _length(o["ppl_tokens"] or 10**12))
+    stream = int(stream_tokens * (id_list_bytes(large_ids) + 8))  # the id list, then its int64 array
     use_cache = bool(getattr(model.config, "use_cache", True))
     kv = kv_bytes(model.config, tokens=T, batch=1, b=b) if use_cache else 0
     # More than one window: the previous window's fp32 logits are still referenced during the next forward, and
@@ -365,7 +380,7 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
 def _calibration_phase(state, model, b: int, samples: int, seq_len: int, amp_hook: bool):
     """Calibration forwards (convert.calib.run_batches: batches of 8 windows, no cache, last logits only), with
     prune's AMP hook (per chunk of <= 2048 tokens an fp32 (tokens, heads, hidden) contribution and its abs)."""
-    from seqtool.plan.memory import Phase, dims, forward_bytes, tokenize_bytes, weight_bytes
+    from seqtool.plan.memory import Phase, dims, forward_bytes, weight_bytes
 
     _, hidden, heads, _, head_dim, _, vocab = dims(model.config)
     batch = min(8, samples)
@@ -379,7 +394,7 @@ def _calibration_phase(state, model, b: int, samples: int, seq_len: int, amp_hoo
             hook += n * heads * head_dim * 4 + hidden * heads * head_dim * 4
         in_flight = n * (2 * hidden + 2 * heads * head_dim) * b  # residual, normed input, attention output + copy
         act = max(act, in_flight + hook)
-    text = tokenize_bytes(samples * seq_len * 8, _chars_per_token(state.tokenizer))
+    text = _text_bytes(state.tokenizer, samples * seq_len * 8)
     return Phase("calibration", {"weights": weight_bytes(model), "activations + hooks": act,
                                  "calibration text": text, "logits": batch * vocab * 4})
 
@@ -436,10 +451,10 @@ def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     model_after = _meta_model(after, next(model.parameters()).dtype)
     phases = [Phase("load", _load_parts(state, model, device))]
     if conv.needs_calibration:
-        phases.append(_calibration_phase(state, model, b, o["samples"], o["seq_len"], amp_hook=True))
+        phases.append(_calibration_phase(state, model, b, o["samples"], _length(o["seq_len"]), amp_hook=True))
     phases.append(_rewrite_phase(model, model_after))
     phases += _save_phases(model_after, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
-    return _Outcome(phases, tokens=o["seq_len"] if conv.needs_calibration else None, config=after, writes=True,
+    return _Outcome(phases, tokens=_length(o["seq_len"]) if conv.needs_calibration else None, config=after, writes=True,
                     notes=[f"removes {p.units_removed} {p.unit} unit(s) and {p.channels_removed} MLP channels per "
                            f"layer (ratio {p.expected_ratio:.3f})"])
 
@@ -471,7 +486,7 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     setattr(after, get_family(model).config_keys["kv_heads"], conv.kv_heads)
     model_after = _meta_model(after, next(model.parameters()).dtype)
     phases = [Phase("load", _load_parts(state, model, device))]
-    samples, seq_len = run.get("samples", 50), run.get("seq_len", 128)
+    samples, seq_len = run.get("samples") or 50, _length(run.get("seq_len") or 128)
     if conv.needs_calibration:
         phases.append(_calibration_phase(state, model, b, samples, seq_len, amp_hook=False))
     phases.append(_rewrite_phase(model, model_after))
@@ -480,8 +495,8 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
 
 
 def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.plan.memory import (Phase, dims, lora_params, loss_bytes, tokenize_bytes,
-                                     training_saved_bytes_per_token, weight_bytes)
+    from seqtool.plan.memory import (Phase, dims, lora_params, loss_bytes, training_saved_bytes_per_token,
+                                     weight_bytes)
     from seqtool.train.kinds import DEFAULT_KINDS, parse_kinds
 
     o = _take(options, "finetune", {
@@ -512,7 +527,7 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
     _require_plain(model.config, "finetune")
     recipe = LONG_RECIPE if o["context"] is not None else {}
     notes, after = [], None
-    seq_len = o["seq_len"] or 256
+    seq_len = _length(o["seq_len"]) if o["seq_len"] else 256
     if o["context"] is not None:
         long_attention = method if method in LONG_METHODS else None
         setup = prepare_long_context(model.config, attention=long_attention, context=o["context"],
@@ -566,7 +581,7 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
     max_chars = max(steps * batch * o["grad_accum"] * seq_len, 64 * seq_len) * 6
     chars = sum(map(len, _builtin_docs("train", max_chars)))
     chars += sum(map(len, _builtin_docs("heldout", min(_MAX_HELDOUT_ROWS * seq_len * 6, 2_000_000))))
-    text = tokenize_bytes(chars, _chars_per_token(state.tokenizer))
+    text = _text_bytes(state.tokenizer, chars)
     base = {"weights": weights, "tokenized text": text, "trainable + gradients + AdamW": optim,
             "activations (saved for backward)": saved}
     phases = [Phase("load", _load_parts(state, model, device))]
