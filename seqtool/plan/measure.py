@@ -12,7 +12,7 @@ already resident and are not counted: the plan predicts what the step allocates,
 step runs in a fresh process so allocator caches of earlier work do not hide its peak, and with glibc's mmap
 threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): every tensor above that is returned to the OS when freed,
 so the peak RSS follows the bytes alive at once. With the default adaptive threshold glibc keeps freed chunks of
-up to 32 MiB in its heap and a small model's peak RSS can be ~1.5x its live peak (allocator retention, not
+up to 32 MiB in its heap and a small model's peak RSS can be up to ~2x its live peak (allocator retention, not
 memory the step needs; ``fixed_mmap=False`` measures that way).
 """
 from __future__ import annotations
