@@ -12,7 +12,7 @@ already resident and are not counted: the plan predicts what the step allocates,
 step runs in a fresh process so allocator caches of earlier work do not hide its peak, and with glibc's mmap
 threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): every tensor above that is returned to the OS when freed,
 so the peak RSS follows the bytes alive at once. With the default adaptive threshold glibc keeps freed chunks of
-up to 32 MiB in its heap and a small model's peak RSS can be ~1.5x its live peak (allocator retention, not
+up to 32 MiB in its heap and a small model's peak RSS can be up to ~2x its live peak (allocator retention, not
 memory the step needs; ``fixed_mmap=False`` measures that way).
 """
 from __future__ import annotations
@@ -28,6 +28,28 @@ from typing import Any
 
 # glibc serves allocations above this many bytes with mmap and returns them to the OS on free (fixed, not adaptive)
 MMAP_THRESHOLD = 65536
+
+
+# The steps the issue names, sized for ``ref`` (tests/plan and ``benchmarks/memory_plan.py --steps ref``), with the
+# cheaper options their warm-up runs on tiny-llama (same code paths, shorter).
+REF_STEPS: list[tuple[str, dict, dict]] = [
+    ("inspect", {}, {}),
+    ("profile", {"seq_len": 1024, "decode_tokens": 8, "warmup": 0, "repeats": 1},
+     {"seq_len": 64, "decode_tokens": 2, "warmup": 0, "repeats": 1}),
+    ("eval", {"task": "ppl", "seq_len": 1024, "ppl_tokens": 4096}, {"task": "ppl", "seq_len": 64, "ppl_tokens": 256}),
+    ("prune", {"ratio": 0.2, "samples": 16, "seq_len": 128}, {"ratio": 0.2, "samples": 2, "seq_len": 32}),
+    ("convert", {"to": "gqa", "kv_heads": 4}, {"to": "gqa", "kv_heads": 2}),
+    ("finetune", {"method": "lora", "steps": 2, "batch": 2, "seq_len": 256, "eval_rows": 2},
+     {"method": "lora", "steps": 1, "batch": 1, "seq_len": 32, "eval_rows": 1}),
+]
+
+# Also in the benchmark's ref table (not in the test, to keep it short): LoRA with KL to a frozen teacher.
+REF_EXTRA_STEPS: list[tuple[str, dict, dict]] = [
+    ("finetune", {"method": "lora", "steps": 2, "batch": 2, "seq_len": 256, "eval_rows": 2, "teacher": "ref",
+                  "loss": "lm=1,kl=1"},
+     {"method": "lora", "steps": 1, "batch": 1, "seq_len": 32, "eval_rows": 1, "teacher": "tiny-llama",
+      "loss": "lm=1,kl=1"}),
+]
 
 
 def run_step(model: str, command: str, options: dict, *, dtype: str | None, device: str = "cpu",
@@ -62,7 +84,8 @@ def run_step(model: str, command: str, options: dict, *, dtype: str | None, devi
     elif command == "finetune":
         from seqtool.train.finetune import finetune
 
-        finetune(model, output=out, dtype=dtype or "fp32", device=device, progress="off", **opts)
+        finetune(model, output=out, dtype=dtype if dtype not in (None, "auto") else "fp32", device=device,
+                 progress="off", **opts)
     else:
         raise ValueError(f"no measurement for step '{command}'")
 

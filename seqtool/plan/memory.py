@@ -12,11 +12,20 @@ from typing import Any
 from seqtool.arch.registry import config_value, head_counts, kv_cache_bytes_per_token, layer_kinds
 from seqtool.profile.estimate import layer_activation_bytes
 
-# Fast (Rust) tokenizers hold per token: id, type id, token string, offsets, masks (~92 B), and the Python list
-# of ids (int object + pointer, 36 B) plus the attention-mask list (8 B) handed back to Python.
-TOKENIZER_BYTES_PER_TOKEN = 136
-# A list of Python ints (ids above 256 are objects of 28 B, plus the list's 8 B pointer).
-ID_LIST_BYTES_PER_TOKEN = 36
+# A fast (Rust) tokenizer's encoding holds per token an id, type id, token string, offsets and masks (~92 B);
+# handed to Python, the ids and the attention mask become lists (8 B pointers each) of int objects, of which only
+# ids above 256 are new objects (28 B: CPython shares the small ints).
+ENCODING_BYTES_PER_TOKEN = 92
+INT_OBJECT_BYTES = 28
+
+
+def id_list_bytes(large_id_share: float) -> float:
+    """Bytes per token of a Python list of token ids (``large_id_share``: the share of ids above 256)."""
+    return 8 + INT_OBJECT_BYTES * large_id_share
+
+
+ATTENTION_PROJ = ("q", "k", "v", "o")
+MLP_PROJ = ("gate", "up", "down")
 
 
 @dataclass
@@ -70,30 +79,32 @@ def training_saved_bytes_per_token(config: Any, *, b: int, lora_rank: int | None
                                    adapter_b: int, full_kinds: set[str]) -> int:
     """Bytes one decoder layer keeps for the backward pass per token (Llama-style layer, sdpa attention).
 
-    - two RMSNorms: each keeps its fp32 input (the residual stream itself in fp32) and its output (the input of
-      the projections that follow, kept for their weight gradients);
-    - attention: RoPE'd q and k, v, the attention output and its contiguous copy (o_proj's input), the fp32
-      log-sum-exp per head;
-    - MLP: gate, up, act(gate) and act(gate)·up (down_proj's input);
-    - LoRA: each adapter's rank-r intermediate and, when the adapters' dtype differs from the model's (peft keeps
-      adapters in fp32 on a bf16 model), the adapter's own fp32 copy of its input.
+    - two RMSNorms: each keeps its input in fp32 (the residual stream itself when the model is fp32);
+    - attention: RoPE'd q and k, v, the attention output, the fp32 log-sum-exp per head;
+    - MLP: gate (SiLU's input), act(gate) and up (the product's inputs);
+    - trained projections keep their inputs (frozen ones keep none): once per distinct tensor (the q/k/v input,
+      o_proj's, gate/up's, down_proj's), or, when LoRA adapters run in another dtype than the model (peft keeps
+      them in fp32 on a bf16 model), each adapter its own cast copy; plus each adapter's rank-r intermediate.
     """
     _, hidden, heads, kv_heads, head_dim, inter, _ = dims(config)
     q, kv = heads * head_dim, kv_heads * head_dim
-    total = 2 * hidden * 4 + 2 * hidden * b
-    total += (3 * q + 2 * kv) * b + heads * 4
-    total += 4 * inter * b
+    total = 2 * hidden * 4
+    total += (2 * q + 2 * kv) * b + heads * 4
+    total += 3 * inter * b
     inputs = {"q": hidden, "k": hidden, "v": hidden, "o": q, "gate": hidden, "up": hidden, "down": inter}
+    source = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+    trained = set(adapted)
+    if "attention" in full_kinds:
+        trained |= set(ATTENTION_PROJ)
+    if "mlp" in full_kinds:
+        trained |= set(MLP_PROJ)
+    if lora_rank and adapter_b != b:
+        total += sum(inputs[name] for name in adapted) * adapter_b
+        trained -= adapted
+    total += sum({source[name]: inputs[name] for name in trained}.values()) * b
     if lora_rank:
-        for name in adapted:
-            total += lora_rank * adapter_b
-            if adapter_b != b:
-                total += inputs[name] * adapter_b
+        total += len(adapted) * lora_rank * adapter_b
     return total
-
-
-ATTENTION_PROJ = ("q", "k", "v", "o")
-MLP_PROJ = ("gate", "up", "down")
 
 
 def lora_params(config: Any, rank: int, kinds: list[str]) -> tuple[int, set[str]]:
@@ -112,14 +123,17 @@ def lora_params(config: Any, rank: int, kinds: list[str]) -> tuple[int, set[str]
 
 
 def loss_bytes(tokens: int, vocab: int, b: int) -> int:
-    """The LM head and cross-entropy of ``tokens`` positions around the backward pass: logits (model dtype),
-    fp32 log-softmax, its gradient, the logits' fp32 gradient and (bf16/fp16) its cast back."""
-    return tokens * vocab * (b + 4 + 4 + 4 + (b if b != 4 else 0))
+    """The LM head and cross-entropy of ``tokens`` positions at the start of the backward pass: the logits
+    (model dtype, held by the output), the fp32 log-softmax (saved), its gradient and the gradient of its fp32
+    input (the fp32 copy of bf16 logits is not saved)."""
+    return tokens * vocab * (b + 4 + 4 + 4)
 
 
-def tokenize_bytes(chars: int, chars_per_token: float) -> int:
-    """A fast tokenizer's memory for ``chars`` characters tokenized in one call (see TOKENIZER_BYTES_PER_TOKEN)."""
-    return int(chars / max(chars_per_token, 1e-9) * TOKENIZER_BYTES_PER_TOKEN) + chars
+def tokenize_bytes(chars: int, chars_per_token: float, large_id_share: float) -> int:
+    """A fast tokenizer's memory for ``chars`` characters tokenized in one call: the text, the encodings and the
+    id and attention-mask lists."""
+    per_token = ENCODING_BYTES_PER_TOKEN + id_list_bytes(large_id_share) + 8
+    return int(chars / max(chars_per_token, 1e-9) * per_token) + chars
 
 
 __all__ = ["Phase", "peak", "weight_bytes", "largest_tensor", "dims", "kv_bytes", "forward_bytes",

@@ -112,8 +112,6 @@ class _State:
 
 
 def _initial_state(model: str) -> _State:
-    import torch
-
     from seqtool.arch.io import checkpoint_dtype, load_model
     from seqtool.arch.paths import check_source
     from seqtool.zoo import presets
@@ -165,15 +163,28 @@ def _compute_dtype(state: _State, requested: str | None, device: str, command: s
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _chars_per_token(tokenizer) -> float:
-    """Characters per token of ``tokenizer`` on 20 000 characters of the built-in held-out text."""
+_TOKEN_STATS: dict[int, tuple[float, float]] = {}
+
+
+def _token_stats(tokenizer) -> tuple[float, float]:
+    """(characters per token, share of ids above 256) of ``tokenizer`` on 20 000 characters of the built-in
+    held-out text (a tokenizer is not weights: loading and running it is cheap)."""
     from seqtool.zoo.corpus import load_text
 
-    sample = load_text("heldout", 20_000)
-    if tokenizer is None or not sample:
-        return 1.0
-    n = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"])
-    return len(sample) / max(n, 1)
+    key = id(tokenizer)
+    if key not in _TOKEN_STATS:
+        sample = load_text("heldout", 20_000)
+        if tokenizer is None or not sample:
+            return 1.0, 1.0
+        ids = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
+        _TOKEN_STATS[key] = (len(sample) / max(len(ids), 1), sum(i > 256 for i in ids) / max(len(ids), 1))
+    return _TOKEN_STATS[key]
+
+
+def _text_bytes(tokenizer, chars: int) -> int:
+    from seqtool.plan.memory import tokenize_bytes
+
+    return tokenize_bytes(chars, *_token_stats(tokenizer))
 
 
 def _require_plain(config: Any, command: str) -> None:
@@ -207,10 +218,11 @@ def _take(options: dict, command: str, allowed: dict[str, Any]) -> dict[str, Any
     return {**allowed, **{k: v for k, v in options.items() if v is not None}}
 
 
-def _length(value, name: str) -> int:
+def _length(value: int | str) -> int:
+    """A length option: an integer or "2k"-style text."""
     from seqtool.utils import parse_length
 
-    return parse_length(value) if not isinstance(value, int) else value
+    return parse_length(value)
 
 
 def _load_parts(state: _State, model, device: str) -> dict[str, int]:
@@ -303,9 +315,9 @@ def _plan_profile(state, model, options, b, device, dtype) -> _Outcome:
     if o["sweep"]:
         from seqtool.utils import parse_length_list
 
-        lengths = parse_length_list(o["sweep"]) if isinstance(o["sweep"], str) else [_length(x, "sweep") for x in o["sweep"]]
+        lengths = parse_length_list(o["sweep"]) if isinstance(o["sweep"], str) else [_length(x) for x in o["sweep"]]
     else:
-        lengths = [_length(o["seq_len"], "seq_len")]
+        lengths = [_length(o["seq_len"])]
     weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     for length in lengths:
@@ -324,7 +336,7 @@ def _file_bytes(state: _State, model) -> int:
 
 def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.eval.runner import FILLER_CHARS, PPL_TOKENS, parse_tasks
-    from seqtool.plan.memory import ID_LIST_BYTES_PER_TOKEN, Phase, dims, forward_bytes, kv_bytes, weight_bytes
+    from seqtool.plan.memory import Phase, dims, forward_bytes, id_list_bytes, kv_bytes, weight_bytes
 
     o = _take(options, "eval", {"task": "ppl", "tasks": None, "seq_len": 2048, "seq_lens": None,
                                 "ppl_tokens": PPL_TOKENS, "stride": None, "attn": None, "samples": 20,
@@ -339,24 +351,29 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
         raise UnpredictableStepError(f"step 'eval': attention '{o['attn']}' is not modelled (sdpa)")
     _require_plain(model.config, "eval")
     lengths = o["seq_lens"] or [o["seq_len"]]
-    lengths = [_length(x, "seq_len") for x in (lengths.split(",") if isinstance(lengths, str) else lengths)]
+    lengths = [_length(x) for x in (lengths.split(",") if isinstance(lengths, str) else lengths)]
     T = max(lengths)
     _, _, _, _, _, _, vocab = dims(model.config)
     weights = weight_bytes(model)
-    tokens = min(int(FILLER_CHARS / _chars_per_token(state.tokenizer)), o["ppl_tokens"] or 10**12)
-    stream = int(FILLER_CHARS / _chars_per_token(state.tokenizer)) * (ID_LIST_BYTES_PER_TOKEN + 8)
-    several = tokens > T - 1  # more than one window: the previous window's fp32 logits are alive in the next
-    prev = T * vocab * 4 if several else 0
+    chars_per_token, large_ids = _token_stats(state.tokenizer)
+    stream_tokens = int(FILLER_CHARS / chars_per_token)
+    tokens = min(stream_tokens, _length(o["ppl_tokens"] or 10**12))
+    stream = int(stream_tokens * (id_list_bytes(large_ids) + 8))  # the id list, then its int64 array
     use_cache = bool(getattr(model.config, "use_cache", True))
     kv = kv_bytes(model.config, tokens=T, batch=1, b=b) if use_cache else 0
-    base = {"weights": weights, "tokenized text": stream}
+    # More than one window: the previous window's fp32 logits are still referenced during the next forward, and
+    # its KV cache (a reference cycle) until the garbage collector runs.
+    several = tokens > T - 1
+    prev = {"previous window's logits": T * vocab * 4, "previous window's kv cache": kv} if several else {}
+    base = {"weights": weights, "tokenized text": stream, **prev}
     phases = [Phase("load", _load_parts(state, model, device)),
-              Phase("forward", {**base, "previous window's logits": prev, "kv cache": kv,
+              Phase("forward", {**base, "kv cache": kv,
                                 "activations": max(forward_bytes(model.config, batch=1, seq_len=T, b=b),
                                                    T * vocab * b)})]
     if b != 4:
-        phases.append(Phase("logits to fp32", {**base, "previous window's logits": prev, "kv cache": kv,
-                                               "logits": T * vocab * b, "fp32 logits": T * vocab * 4}))
+        phases.append(Phase("logits to fp32", {**base, "kv cache": kv, "logits": T * vocab * b,
+                                               "fp32 logits": T * vocab * 4}))
+    base = {"weights": weights, "tokenized text": stream}
     phases.append(Phase("cross-entropy", {**base, "fp32 logits": T * vocab * 4, "log-softmax": T * vocab * 4}))
     return _Outcome(phases, tokens=T)
 
@@ -364,7 +381,7 @@ def _plan_eval(state, model, options, b, device, dtype) -> _Outcome:
 def _calibration_phase(state, model, b: int, samples: int, seq_len: int, amp_hook: bool):
     """Calibration forwards (convert.calib.run_batches: batches of 8 windows, no cache, last logits only), with
     prune's AMP hook (per chunk of <= 2048 tokens an fp32 (tokens, heads, hidden) contribution and its abs)."""
-    from seqtool.plan.memory import Phase, dims, forward_bytes, tokenize_bytes, weight_bytes
+    from seqtool.plan.memory import Phase, dims, forward_bytes, weight_bytes
 
     _, hidden, heads, _, head_dim, _, vocab = dims(model.config)
     batch = min(8, samples)
@@ -378,7 +395,7 @@ def _calibration_phase(state, model, b: int, samples: int, seq_len: int, amp_hoo
             hook += n * heads * head_dim * 4 + hidden * heads * head_dim * 4
         in_flight = n * (2 * hidden + 2 * heads * head_dim) * b  # residual, normed input, attention output + copy
         act = max(act, in_flight + hook)
-    text = tokenize_bytes(samples * seq_len * 8, _chars_per_token(state.tokenizer))
+    text = _text_bytes(state.tokenizer, samples * seq_len * 8)
     return Phase("calibration", {"weights": weight_bytes(model), "activations + hooks": act,
                                  "calibration text": text, "logits": batch * vocab * 4})
 
@@ -409,7 +426,7 @@ def _no_recover(o: dict, command: str) -> None:
 
 def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.convert.prune import PruneConversion, parse_targets, plan_prune
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = _take(options, "prune", {"ratio": None, "target": "heads,mlp", "criterion": "amp", "round_to": None,
                                  "gqa_unit": "query", "calib": None, "samples": 50, "seq_len": 128, "seed": 0,
@@ -433,13 +450,12 @@ def _plan_prune(state, model, options, b, device, dtype) -> _Outcome:
     setattr(after, keys["head_dim"], head_dim)
     setattr(after, keys["intermediate"], p.intermediate)
     model_after = _meta_model(after, next(model.parameters()).dtype)
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     if conv.needs_calibration:
-        phases.append(_calibration_phase(state, model, b, o["samples"], o["seq_len"], amp_hook=True))
+        phases.append(_calibration_phase(state, model, b, o["samples"], _length(o["seq_len"]), amp_hook=True))
     phases.append(_rewrite_phase(model, model_after))
     phases += _save_phases(model_after, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
-    return _Outcome(phases, tokens=o["seq_len"] if conv.needs_calibration else None, config=after, writes=True,
+    return _Outcome(phases, tokens=_length(o["seq_len"]) if conv.needs_calibration else None, config=after, writes=True,
                     notes=[f"removes {p.units_removed} {p.unit} unit(s) and {p.channels_removed} MLP channels per "
                            f"layer (ratio {p.expected_ratio:.3f})"])
 
@@ -452,7 +468,7 @@ def _heads(config):
 
 def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     from seqtool.convert.base import make_conversion
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = dict(options)
     to = o.pop("to", None)
@@ -470,9 +486,8 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
     after = copy.deepcopy(model.config)
     setattr(after, get_family(model).config_keys["kv_heads"], conv.kv_heads)
     model_after = _meta_model(after, next(model.parameters()).dtype)
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
-    samples, seq_len = run.get("samples", 50), run.get("seq_len", 128)
+    samples, seq_len = run.get("samples") or 50, _length(run.get("seq_len") or 128)
     if conv.needs_calibration:
         phases.append(_calibration_phase(state, model, b, samples, seq_len, amp_hook=False))
     phases.append(_rewrite_phase(model, model_after))
@@ -481,8 +496,8 @@ def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
 
 
 def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.plan.memory import (Phase, dims, forward_bytes, lora_params, loss_bytes, tokenize_bytes,
-                                     training_saved_bytes_per_token, weight_bytes)
+    from seqtool.plan.memory import (Phase, dims, lora_params, loss_bytes, training_saved_bytes_per_token,
+                                     weight_bytes)
     from seqtool.train.kinds import DEFAULT_KINDS, parse_kinds
 
     o = _take(options, "finetune", {
@@ -500,14 +515,20 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
         raise BadInputError(f"step 'finetune': unknown method '{method}'")
     if o["data"] is not None:
         raise UnpredictableStepError("step 'finetune': --data files are not modelled (built-in corpus only)")
-    if o["loss"] != "lm" or o["teacher"] is not None:
-        raise UnpredictableStepError("step 'finetune': only the lm objective without a teacher is modelled")
+    from seqtool.train.objectives import parse_loss_weights
+
+    objectives = set(parse_loss_weights(o["loss"]) if isinstance(o["loss"], str) else o["loss"])
+    if objectives - {"lm", "kl"} or o["kl_top_k"] is not None:
+        raise UnpredictableStepError(f"step 'finetune': only the lm and kl objectives are modelled, not "
+                                     f"{o['loss']}" + (" with kl_top_k" if o["kl_top_k"] is not None else ""))
+    if "kl" in objectives and o["teacher"] is None:
+        raise BadInputError("step 'finetune': the kl objective needs a teacher")
     if o["bf16"] == "on" or (o["bf16"] == "auto" and device != "cpu"):
         raise UnpredictableStepError("step 'finetune': bf16 autocast is not modelled (CPU, --bf16 off)")
     _require_plain(model.config, "finetune")
     recipe = LONG_RECIPE if o["context"] is not None else {}
     notes, after = [], None
-    seq_len = o["seq_len"] or 256
+    seq_len = _length(o["seq_len"]) if o["seq_len"] else 256
     if o["context"] is not None:
         long_attention = method if method in LONG_METHODS else None
         setup = prepare_long_context(model.config, attention=long_attention, context=o["context"],
@@ -561,11 +582,15 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
     max_chars = max(steps * batch * o["grad_accum"] * seq_len, 64 * seq_len) * 6
     chars = sum(map(len, _builtin_docs("train", max_chars)))
     chars += sum(map(len, _builtin_docs("heldout", min(_MAX_HELDOUT_ROWS * seq_len * 6, 2_000_000))))
-    text = tokenize_bytes(chars, _chars_per_token(state.tokenizer))
-    phases = [Phase("load", _load_parts(state, model, device)),
-              Phase("train step", {"weights": weights, "tokenized text": text,
-                                   "trainable + gradients + AdamW": optim, "activations (saved for backward)": saved,
-                                   "logits + loss gradients": loss_bytes(n, vocab, b)})]
+    text = _text_bytes(state.tokenizer, chars)
+    base = {"weights": weights, "tokenized text": text, "trainable + gradients + AdamW": optim,
+            "activations (saved for backward)": saved}
+    phases = [Phase("load", _load_parts(state, model, device))]
+    if o["teacher"] is None:
+        phases.append(Phase("train step", {**base, "logits + loss gradients": loss_bytes(n, vocab, b)}))
+    else:
+        phases += _teacher_phases(state, o["teacher"], model, base, objectives, n=n, batch=batch,
+                                  seq_len=seq_len, vocab=vocab, b=b, device=device)
     save_dtype = state.file_dtype if state.on_disk else next(model.parameters()).dtype
     model_after = _meta_model(after or model.config, save_dtype)
     phases += _save_phases(model_after, save_dtype.itemsize, save_dtype, device)
@@ -573,14 +598,39 @@ def _plan_finetune(state, model, options, b, device, dtype) -> _Outcome:
                     notes=notes + [f"{trainable:,} trainable parameters ({method})"])
 
 
+def _teacher_phases(state, teacher: str, model, base: dict, objectives: set[str], *, n: int, batch: int,
+                    seq_len: int, vocab: int, b: int, device: str) -> list:
+    """A frozen teacher (finetune --teacher, loss kl): its weights (same dtype as the student), its no-grad
+    forward after the student's (its layer activations and logits beside everything the student keeps), then the
+    objectives: the LM loss keeps its fp32 log-softmax; KL (train.objectives.KLDistill) builds fp32 student and
+    teacher logits, both log-softmaxes, the teacher's probabilities, their difference and its product with them
+    (7 fp32 (tokens, V) tensors at once), and keeps log q and p for backward."""
+    from seqtool.plan.memory import Phase, forward_bytes, weight_bytes
+
+    if teacher == state.source:
+        teacher_model = model
+    else:
+        teacher_state = _initial_state(teacher)
+        teacher_model = _meta_model(teacher_state.config, next(model.parameters()).dtype)
+        _require_plain(teacher_model.config, "finetune --teacher")
+    parts = {**base, "teacher weights": weight_bytes(teacher_model), "logits": n * vocab * b,
+             "teacher logits": n * vocab * b}
+    forward = Phase("teacher forward", {**parts, "teacher activations": forward_bytes(
+        teacher_model.config, batch=batch, seq_len=seq_len, b=b)})
+    lm_kept = n * vocab * 4 if "lm" in objectives else 0
+    kl = Phase("objectives", {**parts, "lm log-softmax": lm_kept, "kl fp32 temporaries": 7 * n * vocab * 4})
+    backward = Phase("backward start", {**parts, "lm log-softmax": lm_kept, "kl kept for backward": 2 * n * vocab * 4,
+                                        "loss gradients": 3 * n * vocab * 4})
+    return [forward, kl, backward]
+
+
 def _plan_patch(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.plan.memory import Phase, weight_bytes
+    from seqtool.plan.memory import Phase
 
     o = _take(options, "patch", {"method": None, "budget": None, "dense_layers": None, "set_options": None,
                                  "set": None, "report": False, "probe_tokens": 512, "force": None, "in_place": None})
     if o["report"]:
         raise UnpredictableStepError("step 'patch': --report (a probe run with recall meters) is not modelled")
-    weights = weight_bytes(model)
     phases = [Phase("load", _load_parts(state, model, device))]
     phases += _save_phases(model, b, _save_dtype(state, dtype, next(model.parameters()).dtype), device)
     return _Outcome(phases, writes=True, notes=[f"patch {o['method']}: weights unchanged; KV/token is the dense "
@@ -618,7 +668,8 @@ def plan_recipe(model: str, steps: list[tuple[str, dict]], *, device: str = "cpu
     from seqtool.arch.registry import kv_cache_bytes_per_token, layer_kinds
     from seqtool.plan.memory import peak
 
-    device = resolve_device(device).type
+    # a plan is for a device, not on it: planning for cuda needs no GPU here
+    device = "cuda" if str(device).startswith("cuda") else resolve_device(device).type
     state = _initial_state(model)
     plans = []
     for index, (command, options) in enumerate(steps):

@@ -8,25 +8,25 @@ from typer.testing import CliRunner
 
 from seqtool.cli.app import app
 from seqtool.plan import UnpredictableStepError, plan_recipe
-from seqtool.plan.measure import measure_peak
+from seqtool.plan.measure import REF_STEPS, measure_peak
 
 MiB = 2**20
 
-# The steps the issue names, at lengths that keep each measurement to a few seconds.
-REF_STEPS = [
-    ("inspect", {}),
-    ("profile", {"seq_len": 1024, "decode_tokens": 8, "warmup": 0, "repeats": 1}),
-    ("eval", {"task": "ppl", "seq_len": 1024, "ppl_tokens": 4096}),
-    ("prune", {"ratio": 0.2, "samples": 16, "seq_len": 128}),
-    ("convert", {"to": "gqa", "kv_heads": 4}),
-    ("finetune", {"method": "lora", "steps": 2, "batch": 2, "seq_len": 256, "eval_rows": 2}),
-]
+@pytest.fixture(scope="module")
+def ref_peaks():
+    """Measured peaks of REF_STEPS, each in a fresh process (seqtool.plan.measure: peak-RSS increase after a
+    warm-up on tiny-llama); two processes at a time (they measure their own RSS, so they do not disturb each other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda step: measure_peak("ref", step[0], step[1], warmup_options=step[2]), REF_STEPS))
 
 
-@pytest.mark.parametrize("command,options", REF_STEPS, ids=[c for c, _ in REF_STEPS])
-def test_predicted_peak_matches_measured_on_ref(command, options):
+@pytest.mark.parametrize("index", range(len(REF_STEPS)), ids=[c for c, _, _ in REF_STEPS])
+def test_predicted_peak_matches_measured_on_ref(index, ref_peaks):
+    command, options, _ = REF_STEPS[index]
     predicted = plan_recipe("ref", [(command, options)]).steps[0].peak_bytes
-    measured = measure_peak("ref", command, options)["peak_bytes"]
+    measured = ref_peaks[index]["peak_bytes"]
     bar = max(0.2 * measured, 16 * MiB)
     assert abs(predicted - measured) <= bar, (
         f"{command}: predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB")
@@ -77,6 +77,7 @@ def test_plan_allocates_no_weights():
     ([("prune", {"ratio": 0.2, "recover": "lora"})], "--recover lora is not modelled"),
     ([("profile", {"attn": "streaming:budget=64"})], "is not modelled"),
     ([("profile", {"bogus": 1})], "bogus"),
+    ([("finetune", {"steps": 1, "loss": "lm=1,match=1", "teacher": "tiny-llama"})], "only the lm and kl"),
 ])
 def test_unmodelled_steps_fail_with_one_line(steps, message):
     with pytest.raises(UnpredictableStepError) as info:
@@ -94,5 +95,10 @@ def test_profile_dry_run_cli_json_and_table():
     table = runner.invoke(app, ["prune", "tiny-llama", "--ratio", "0.3", "--dry-run"])
     assert table.exit_code == 0, table.output
     assert "peak memory" in table.stdout
+    for args in (["convert", "tiny-llama", "--to", "gqa", "--kv-heads", "2"], ["finetune", "tiny-llama", "--steps", "3"],
+                 ["eval", "tiny-llama", "--task", "ppl", "--seq-len", "512"]):
+        out = runner.invoke(app, [*args, "--dry-run", "--json"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout)["steps"][0]["command"] == args[0]
     bad = runner.invoke(app, ["eval", "tiny-llama", "--task", "passkey", "--dry-run"])
     assert bad.exit_code != 0 and "only the ppl task" in bad.output
