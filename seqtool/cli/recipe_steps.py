@@ -29,6 +29,7 @@ class Call:
     kwargs: dict
     post: dict = field(default_factory=dict)
     threads: int | None = None
+    offload: dict = field(default_factory=dict)  # device_map / max_memory: accelerate placement around the call
 
 
 def _prune(*a, **k):
@@ -98,6 +99,16 @@ def _floats(text: str, key: str) -> list[float]:
 def build_call(step: Step, source: str, output: str | None, *, final_dir: str | None = None,
                progress: str = "off") -> Call:
     """The library call for ``step`` on ``source`` writing ``output`` (rewrite steps)."""
+    call = _build_call(step, source, output, final_dir=final_dir, progress=progress)
+    call.offload = {k: call.kwargs.pop(k) for k in OFFLOAD_OPTIONS if k in call.kwargs}
+    return call
+
+
+# Options the runner applies around the call, as the commands do (`offload_option`), not library arguments.
+OFFLOAD_OPTIONS = ("device_map", "max_memory")
+
+
+def _build_call(step: Step, source: str, output: str | None, *, final_dir: str | None, progress: str) -> Call:
     name, opts = step.name, step.effective
     post = {k: opts[k] for k in POST_OPTIONS.get(name, ()) if k in opts}
     write = {"output": output, "force": True}
@@ -156,6 +167,10 @@ def preflight(recipe: Recipe) -> None:
                 resolve_device(opts["device"])
             if "dtype" in opts:
                 resolve_dtype(opts["dtype"])
+            if opts.get("device_map") or opts.get("max_memory"):
+                from seqtool.arch.offload import make_offload
+
+                make_offload(opts.get("device_map"), opts.get("max_memory"))
             for key in ("compare", "teacher"):
                 if opts.get(key):
                     check_model(opts[key])
@@ -210,17 +225,21 @@ def _check_conversion(step: Step) -> None:
 
 
 def run_call(call: Call) -> Any:
-    """Run the library call (``threads`` set for its duration)."""
-    if call.threads:
-        import torch
+    """Run the library call (``threads`` set and ``--device-map/--max-memory`` placement active for its
+    duration)."""
+    from seqtool.cli.common import offload_option
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(call.threads)
-        try:
-            return FUNCTIONS[call.fn](*call.args, **call.kwargs)
-        finally:
-            torch.set_num_threads(previous)
-    return FUNCTIONS[call.fn](*call.args, **call.kwargs)
+    with offload_option(call.offload.get("device_map"), call.offload.get("max_memory"), *call.args[:1]):
+        if call.threads:
+            import torch
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(call.threads)
+            try:
+                return FUNCTIONS[call.fn](*call.args, **call.kwargs)
+            finally:
+                torch.set_num_threads(previous)
+        return FUNCTIONS[call.fn](*call.args, **call.kwargs)
 
 
 def after_call(step: Step, call: Call, result: Any) -> None:

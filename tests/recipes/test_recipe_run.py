@@ -172,8 +172,8 @@ def test_every_option_reaches_the_library():
         for key, option in spec.options.items():
             options = {**base, key: _sample(name, option)}
             call = build_call(Step(1, name, options, options, spec), "m", "out")
-            assert (call.args, call.kwargs, call.post, call.threads) != (plain.args, plain.kwargs, plain.post,
-                                                                         plain.threads), (name, key)
+            assert (call.args, call.kwargs, call.post, call.threads, call.offload) != (
+                plain.args, plain.kwargs, plain.post, plain.threads, plain.offload), (name, key)
             function = _library_function(name)
             if function is not None:
                 inspect.signature(function).bind(*call.args, **call.kwargs)
@@ -232,3 +232,11 @@ def test_dry_run_of_the_example_recipe_plans_every_step_without_loading_weights(
     assert steps[0]["params_delta"] < 0  # prune 0.2 removes MLP channels
     assert steps[1]["kv_bytes_per_token"] * 2 == steps[0]["kv_bytes_per_token"]  # 8 -> 4 KV heads
     assert "peak memory" in _run("run", "examples/recipe.yaml", "--dry-run").stdout
+
+
+def test_a_bad_max_memory_fails_before_any_step_runs(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\nsteps: [inspect, {eval: {task: ppl, max_memory: cpu=lots}}]\n")
+    result = _run("run", recipe, "-o", tmp_path / "run")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "step 2" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
