@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,10 +103,14 @@ def render(data: dict) -> str:
     rows = ["| step | model size | largest input shard | largest output shard | peak RSS | wall time | result | command |",
             "|---|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
-    for r in data["rows"]:
+    short = lambda text: text if text.startswith("ppl") else re.sub(  # noqa: E731
+        r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.3g}", text)
+    order = sorted(range(len(data["rows"])), key=lambda i: (-data["rows"][i].get("model_bytes", 0),
+                                                            not data["rows"][i]["step"].startswith("zoo save"), i))
+    for r in (data["rows"][i] for i in order):
         rows.append(f"| {r['step']} | {gib(r.get('model_bytes', 0))} | {gib(r.get('input_shard_bytes', 0))} | "
                     f"{gib(r.get('output_shard_bytes', 0))} | {r['peak_rss_mib'] / 1024:.2f} GiB | "
-                    f"{r['wall_s']:.0f} s | {r.get('result', '')} | `seqtool {r['cmd']}` |")
+                    f"{r['wall_s']:.0f} s | {short(r.get('result', ''))} | `seqtool {r['cmd']}` |")
     return "\n".join(rows)
 
 
