@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-memory", default="cpu=1GB", help="offload budget of the eval/profile rows")
     p.add_argument("--eval-seq-len", default="256")
     p.add_argument("--skip-convert", action="store_true")
+    p.add_argument("--in-memory", action="store_true", help="also run the first convert with --no-stream (the model "
+                   "loaded in fp32: only for presets that fit)")
+    p.add_argument("--prune-ratio", type=float, default=None, help="also: prune --criterion magnitude --stream")
     p.add_argument("--save-only", action="store_true", help="stop after writing the input preset")
     p.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     p.add_argument("--render-only", action="store_true")
@@ -53,15 +57,27 @@ def run(cmd: list[str], log: Path) -> dict:
     """Run ``cmd``; its wall time, peak RSS (MiB, from wait4's rusage of that child alone) and exit status."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    with open(log, "a") as out:
-        out.write("$ " + " ".join(cmd) + "\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    stdout = log.with_name("last_stdout.json")
+    with open(log, "a") as err, open(stdout, "w") as out:
+        err.write("$ " + " ".join(cmd) + "\n")
+        err.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
-    return {"cmd": " ".join(cmd[3:]), "rc": code, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    row = {"cmd": " ".join(cmd[3:]), "rc": code, "wall_s": round(wall, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    try:
+        result = json.loads(stdout.read_text())
+    except ValueError:
+        return row
+    if result.get("ppl"):
+        row["result"] = f"ppl {result['ppl'][0]['ppl']}"
+    elif result.get("models"):
+        first = result["models"][0]["rows"][0]
+        row["result"] = f"prefill {first.get('prefill_median_s')} s, decode {first.get('decode_s_per_token')} s/token"
+    return row
 
 
 def dir_bytes(path: Path) -> int:
@@ -84,13 +100,17 @@ def save(path: Path, data: dict) -> None:
 
 
 def render(data: dict) -> str:
-    rows = ["| step | model size | largest input shard | largest output shard | peak RSS | wall time | command |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| step | model size | largest input shard | largest output shard | peak RSS | wall time | result | command |",
+            "|---|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "-"  # noqa: E731
-    for r in data["rows"]:
+    short = lambda text: text if text.startswith("ppl") else re.sub(  # noqa: E731
+        r"\d+\.\d{4,}", lambda m: f"{float(m.group()):.3g}", text)
+    order = sorted(range(len(data["rows"])), key=lambda i: (-data["rows"][i].get("model_bytes", 0),
+                                                            not data["rows"][i]["step"].startswith("zoo save"), i))
+    for r in (data["rows"][i] for i in order):
         rows.append(f"| {r['step']} | {gib(r.get('model_bytes', 0))} | {gib(r.get('input_shard_bytes', 0))} | "
                     f"{gib(r.get('output_shard_bytes', 0))} | {r['peak_rss_mib'] / 1024:.2f} GiB | "
-                    f"{r['wall_s']:.0f} s | `seqtool {r['cmd']}` |")
+                    f"{r['wall_s']:.0f} s | {short(r.get('result', ''))} | `seqtool {r['cmd']}` |")
     return "\n".join(rows)
 
 
@@ -145,8 +165,25 @@ def main() -> None:
                        output_shard_bytes=largest_shard(out), output_bytes=dir_bytes(out))
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
+        extra_rows = []
+        if args.in_memory:
+            size = args.shard_sizes.split(",")[0]
+            extra_rows.append((f"convert --to gqa --kv-heads {args.kv_heads} --no-stream ({args.preset}, out shards "
+                               f"{size})", ["convert", str(src), "--to", "gqa", "--kv-heads", str(args.kv_heads),
+                                            "--no-stream", "--max-shard-size", size]))
+        if args.prune_ratio:
+            extra_rows.append((f"prune --ratio {args.prune_ratio} --criterion magnitude --stream ({args.preset})",
+                               ["prune", str(src), "--ratio", str(args.prune_ratio), "--criterion", "magnitude",
+                                "--stream"]))
+        for step, cmd in extra_rows:
+            if step in done:
+                continue
+            out = work / f"{args.preset}-extra"
+            shutil.rmtree(out, ignore_errors=True)
+            row = run([*py, *cmd, "-o", str(out), "--json"], log)
+            record(step, row, model_bytes=dir_bytes(src), input_shard_bytes=largest_shard(src),
+                   output_shard_bytes=largest_shard(out), output_bytes=dir_bytes(out))
+            shutil.rmtree(out, ignore_errors=True)
 
     if args.eval_preset:
         small = work / f"{args.eval_preset}-in"
@@ -164,6 +201,8 @@ def main() -> None:
                 record(step, row, model_bytes=dir_bytes(small))
         if not args.keep:
             shutil.rmtree(small, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(src, ignore_errors=True)
     write_doc(doc, data)
 
 

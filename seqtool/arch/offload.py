@@ -141,7 +141,7 @@ def active() -> Offload | None:
     return setting
 
 
-def load_kwargs(setting: Offload, dtype_size: int | None = None) -> tuple[dict, str]:
+def load_kwargs(setting: Offload) -> tuple[dict, str]:
     """``from_pretrained`` keyword arguments for ``setting`` and the offload folder they use (a new temp dir)."""
     import logging
 

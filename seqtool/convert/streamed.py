@@ -16,6 +16,7 @@ with ``device_map="auto"`` (accelerate offload, :mod:`seqtool.arch.offload`) bef
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import time
 from pathlib import Path
@@ -47,8 +48,7 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
 def weights_bytes(source: Path, dtype: torch.dtype) -> int:
     """Bytes of the checkpoint's tensors once loaded in ``dtype``."""
     src = SafetensorsSource(source)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(TensorInfo(src.info(n).shape, dtype).nbytes // size * size for n in src.names())
+    return sum(math.prod(src.info(n).shape) for n in src.names()) * torch.empty((), dtype=dtype).element_size()
 
 
 def should_stream(source: Path, dtype: torch.dtype) -> bool:
@@ -153,12 +153,13 @@ def finish_checkpoint(source: Path, out_dir: Path, out_model: nn.Module, step: d
     (out_dir / "README.md").write_text(recipe_mod.model_card(out_model, steps))
 
 
-def convert_streamed(conversion, source: Path, output: str | Path, *, calib_ids_fn: Callable[[Any], Any] | None,
-                     force: bool, dtype: torch.dtype | None, max_shard_bytes: int, step_extra: dict,
-                     progress=None) -> tuple[dict, nn.Module, nn.Module, float]:
+def convert_streamed(conversion, source: Path, output: str | Path, *, calib_ids_fn: Callable[[Any], Any],
+                     force: bool, dtype: torch.dtype | None, max_shard_bytes: int,
+                     make_step: Callable[[dict], dict], progress=None) -> tuple[dict, nn.Module, nn.Module, float]:
     """Run ``conversion`` streamed from checkpoint directory ``source`` into ``output`` (atomic, validated).
     ``calib_ids_fn(tokenizer)`` makes calibration ids when the conversion needs them (the model is then loaded
-    offloaded for the calibration forward). Returns (details, source meta model, output meta model, seconds)."""
+    offloaded for the calibration forward); ``make_step(details)`` is the recipe step recorded in the output.
+    Returns (details, source meta model, output meta model, seconds)."""
     from seqtool.arch import offload
     from seqtool.arch.io import _auto_dtype, atomic_output, checkpoint_dtype, load_model
     from seqtool.arch.paths import read_config
@@ -188,8 +189,7 @@ def convert_streamed(conversion, source: Path, output: str | Path, *, calib_ids_
         out_model = rewrite_streamed(source, tmp, rewrite=rewrite, reshape=reshape, compute_dtype=compute_dtype,
                                      save_dtype=save_dtype, max_shard_bytes=max_shard_bytes, progress=progress)
         info = details()
-        step = {**step_extra(info)} if callable(step_extra) else {**step_extra}
-        finish_checkpoint(source, tmp, out_model, step, save_dtype)
+        finish_checkpoint(source, tmp, out_model, make_step(info), save_dtype)
     return info, source_meta, out_model, time.perf_counter() - started
 
 
@@ -247,7 +247,7 @@ def convert_stream_or_none(conversion, model: Any, *, output, stream: bool | Non
 
     details, source_meta, out_model, seconds = convert_streamed(
         conversion, resolved, output, calib_ids_fn=ids, force=force, dtype=torch_dtype,
-        max_shard_bytes=shard_bytes, step_extra=step)
+        max_shard_bytes=shard_bytes, make_step=step)
     compute = next(source_meta.parameters()).dtype
     before, after = shape_summary(source_meta), shape_summary(meta_model(out_model.config, compute))
     spec = get_family(source_meta)
