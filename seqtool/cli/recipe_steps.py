@@ -32,40 +32,15 @@ class Call:
     offload: dict = field(default_factory=dict)  # device_map / max_memory: accelerate placement around the call
 
 
-def _prune(*a, **k):
-    import seqtool
+def _public(name: str) -> Callable:
+    """``seqtool.<name>``, imported when called (the CLI starts without torch)."""
 
-    return seqtool.prune(*a, **k)
+    def call(*args, **kwargs):
+        import seqtool
 
+        return getattr(seqtool, name)(*args, **kwargs)
 
-def _convert(*a, **k):
-    import seqtool
-
-    return seqtool.convert(*a, **k)
-
-
-def _finetune(*a, **k):
-    import seqtool
-
-    return seqtool.finetune(*a, **k)
-
-
-def _evaluate(*a, **k):
-    import seqtool
-
-    return seqtool.evaluate(*a, **k)
-
-
-def _profile(*a, **k):
-    import seqtool
-
-    return seqtool.profile(*a, **k)
-
-
-def _inspect_model(*a, **k):
-    import seqtool
-
-    return seqtool.inspect(*a, **k)
+    return call
 
 
 def _patch(*a, **k):
@@ -75,8 +50,9 @@ def _patch(*a, **k):
     return patch_checkpoint(*a, **k)
 
 
-FUNCTIONS: dict[str, Callable] = {"prune": _prune, "convert": _convert, "finetune": _finetune, "eval": _evaluate,
-                                  "profile": _profile, "inspect": _inspect_model, "patch": _patch}
+FUNCTIONS: dict[str, Callable] = {"prune": _public("prune"), "convert": _public("convert"),
+                                  "finetune": _public("finetune"), "eval": _public("evaluate"),
+                                  "profile": _public("profile"), "inspect": _public("inspect"), "patch": _patch}
 
 
 def _convert_signature() -> set[str]:
