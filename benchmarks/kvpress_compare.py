@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "kvpress_compare.md"
-SEQTOOL = ("streaming", "snapkv", "h2o")
+SEQTOOL = ("streaming", "snapkv", "h2o", "expected_attention")
 KEPT = (0.5, 0.25, 0.1)
 
 
