@@ -75,7 +75,8 @@ def expected_scores(call: AttnCall, inv_freq: torch.Tensor, future: int, sinks: 
 @dataclass
 class ExpectedAttention(AttentionMethod):
     name: ClassVar[str] = "expected_attention"
-    budget_units: ClassVar[str] = "KV entries kept per head after the prompt: budget.tokens(prompt length), sinks included"
+    budget_units: ClassVar[str] = ("KV entries kept per head after the prompt: budget.tokens(prompt length), "
+                                   "sinks included")
     window: ClassVar[int] = 0  # the shared cache layer protects no observation window
 
     budget: float | str | None = 0.25

@@ -3,9 +3,9 @@
 After the prompt (the first call of a sequence; prefill itself is dense), every KV head scores each prompt key by
 the softmax attention it receives from the *observation window* — the last ``window`` prompt queries, summed over
 them and over the query heads of the KV head's group (GQA: one kept set per KV head, shared by its query heads) —
-smooths the scores with a 1-D pool of ``kernel`` keys (``pool=max``; ``avg`` is the official code's; SnapKV keeps
-clusters around the peaks, not isolated tokens), and keeps the top keys plus the window itself. Decode attends every kept key
-(``kernels.decode_attn``); decoded tokens are all kept (SnapKV compresses only the prompt).
+smooths the scores with a 1-D pool of ``kernel`` keys (``pool=max``; ``avg`` is the official code's; SnapKV
+keeps clusters around the peaks, not isolated tokens), and keeps the top keys plus the window itself. Decode
+attends every kept key (``kernels.decode_attn``); decoded tokens are all kept (SnapKV compresses only the prompt).
 
 Budget → units: ``tokens = budget.tokens(prompt length)`` KV entries per head (window included) for each row;
 a budget at or above the prompt length evicts nothing (exactly dense). Without

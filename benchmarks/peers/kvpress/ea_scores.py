@@ -58,10 +58,8 @@ def seqtool_side(prompts, model_name, out):
     torch.save(saved, out)
 
 
-def compare(a_path, b_path, prompts):
+def compare(a_path, b_path, prompts=None):
     a, b = torch.load(a_path), torch.load(b_path)
-    data = json.loads(open(prompts).read())
-    p = data["prompts"][0]
     for layer in sorted(a):
         sa, sb = a[layer][0], b[layer][0]  # (Hkv, T)
         n = sa.shape[-1]
