@@ -36,7 +36,7 @@ DOC = ROOT / "docs" / "patches.md"
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
 BUDGETED = ("streaming", "vertical_slash", "block_topk", "hip", "infllm", "razor", "recycled", "longheads", "snapkv",
-            "h2o")
+            "h2o", "expected_attention")
 LONG = ("streaming", "infllm", "longheads")
 BUDGETS = (0.5, 0.25, 0.1)
 TASKS = ("passkey", "multikey", "vt")

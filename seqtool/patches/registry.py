@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "seqtool.patches.act",
     "seqtool.patches.snapkv",
     "seqtool.patches.h2o",
+    "seqtool.patches.expected_attention",
 )
 _loaded = False
 

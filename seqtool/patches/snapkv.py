@@ -3,9 +3,9 @@
 After the prompt (the first call of a sequence; prefill itself is dense), every KV head scores each prompt key by
 the softmax attention it receives from the *observation window* — the last ``window`` prompt queries, summed over
 them and over the query heads of the KV head's group (GQA: one kept set per KV head, shared by its query heads) —
-smooths the scores with a 1-D max-pool of ``kernel`` keys (SnapKV keeps clusters around the peaks, not isolated
-tokens), and keeps the top keys plus the window itself. Decode attends every kept key
-(``kernels.decode_attn``); decoded tokens are all kept (SnapKV compresses only the prompt).
+smooths the scores with a 1-D pool of ``kernel`` keys (``pool=max``; ``avg`` is the official code's; SnapKV
+keeps clusters around the peaks, not isolated tokens), and keeps the top keys plus the window itself. Decode
+attends every kept key (``kernels.decode_attn``); decoded tokens are all kept (SnapKV compresses only the prompt).
 
 Budget → units: ``tokens = budget.tokens(prompt length)`` KV entries per head (window included) for each row;
 a budget at or above the prompt length evicts nothing (exactly dense). Without
@@ -25,12 +25,14 @@ from seqtool.patches.registry import register_method
 from seqtool.patches.selection import Selection
 
 
-def window_scores(call: AttnCall, window: int, kernel: int) -> torch.Tensor:
-    """``(b, Hkv, Tk)`` SnapKV key scores: attention mass from the last ``window`` queries, max-pooled."""
+def window_scores(call: AttnCall, window: int, kernel: int, pool: str = "max") -> torch.Tensor:
+    """``(b, Hkv, Tk)`` SnapKV key scores: attention mass from the last ``window`` queries, pooled over ``kernel``
+    keys (``pool``: ``max`` or ``avg``, the official code's default)."""
     w = min(window, call.tq)
     mass = attention_mass(call.q[:, :, -w:], call.k, call.scale, call.n_rep)
     if kernel > 1:
-        mass = torch.nn.functional.max_pool1d(mass, kernel, stride=1, padding=kernel // 2)[..., : call.tk]
+        fn = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
+        mass = fn(mass, kernel, stride=1, padding=kernel // 2)[..., : call.tk]
     return mass
 
 
@@ -43,10 +45,11 @@ class SnapKV(AttentionMethod):
     budget: float | str | None = 0.25
     window: int = 32
     kernel: int = 5
+    pool: str = "max"
 
     def validate(self) -> None:
-        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise BadInputError("snapkv needs window >= 1 and an odd kernel >= 1")
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0 or self.pool not in ("max", "avg"):
+            raise BadInputError("snapkv needs window >= 1, an odd kernel >= 1 and pool=max or pool=avg")
 
     def select(self, call: AttnCall) -> Selection:
         cache = call.cache
@@ -55,7 +58,7 @@ class SnapKV(AttentionMethod):
         if not isinstance(cache, SnapKVCacheLayer) or self.budget_rule.is_full:
             return self.dense_selection(call)
         return PrefillScored(call, lambda c: cache.pending.append(
-            (c.rows, c.key_offset, window_scores(c, self.window, self.kernel))))
+            (c.rows, c.key_offset, window_scores(c, self.window, self.kernel, self.pool))))
 
     def make_cache_layer(self, runtime: Any) -> "SnapKVCacheLayer":
         return SnapKVCacheLayer(runtime, self)

@@ -35,5 +35,6 @@ CASES = [
     MethodCase("act", dict(heads=(), block=16), sparse_prefill=False, sparse_decode=False),
     MethodCase("snapkv", dict(window=8), sparse_prefill=False),
     MethodCase("h2o", dict(sinks=2), sparse_prefill=False),
+    MethodCase("expected_attention", dict(future=32), sparse_prefill=False),
 ]
 BY_NAME = {c.name: c for c in CASES}

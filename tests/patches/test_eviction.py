@@ -75,3 +75,41 @@ def test_budget_at_or_above_length_is_dense(name):
             steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), ref[:, 99:], atol=1e-5, rtol=0)
     assert all(layer.evicted_tokens == 0 for layer in cache.layers)
+
+
+def test_expected_attention_scores_by_explicit_rotations():
+    """The score from pre-RoPE query statistics equals a brute-force version built from explicit RoPE matrices:
+    ``mu``, ``S`` of queries rotated back, ``R = mean_p R(p)``, ``softmax(k.R mu s + 1/2 k^T R S R^T k s^2)``
+    averaged over the group, times ``|v|``; sinks first."""
+    from seqtool.patches.expected_attention import expected_scores
+
+    torch.manual_seed(0)
+    b, hkv, g, t, d, future, sinks = 1, 2, 2, 40, 8, 16, 3
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
+
+    def rot(p):  # (D, D) RoPE matrix at position p, rotate-half layout
+        ang = p * inv_freq.double()
+        c, s = ang.cos(), ang.sin()
+        m = torch.zeros(d, d, dtype=torch.float64)
+        h = d // 2
+        m[:h, :h], m[h:, h:] = torch.diag(c), torch.diag(c)
+        m[:h, h:], m[h:, :h] = -torch.diag(s), torch.diag(s)
+        return m
+
+    q_pre = torch.randn(b, hkv * g, t, d, dtype=torch.float64)
+    q = torch.stack([q_pre[:, :, p] @ rot(p).T for p in range(t)], 2)  # RoPE at each query's position
+    k, v = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    call = AttnCall(q.float(), k, v, d ** -0.5, 0, torch.arange(1), 0, None)
+    got = expected_scores(call, inv_freq, future, sinks)
+
+    R = torch.stack([rot(p) for p in range(t, t + future)]).mean(0)
+    kk = k.double().repeat_interleave(g, 1)
+    qs = q_pre[:, :, sinks:]
+    mu = qs.mean(2)
+    cov = torch.einsum("bhti,bhtj->bhij", qs - mu[:, :, None], qs - mu[:, :, None]) / qs.shape[2]
+    mu_f, cov_f = mu @ R.T, R @ cov @ R.T
+    s = d ** -0.5
+    logits = (kk @ mu_f[..., None]).squeeze(-1) * s + 0.5 * torch.einsum("bhti,bhij,bhtj->bht", kk, cov_f, kk) * s * s
+    probs = torch.softmax(logits[..., sinks:], -1).view(b, hkv, g, -1).mean(2) * v[:, :, sinks:].double().norm(dim=-1)
+    torch.testing.assert_close(got[..., sinks:].double(), probs, atol=1e-6, rtol=1e-4)
+    assert (got[..., :sinks] > got[..., sinks:].amax(-1, keepdim=True)).all()  # sinks are always kept

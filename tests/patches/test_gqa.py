@@ -76,6 +76,14 @@ def test_sum_of_group_mass_snapkv_h2o_recycled():
     assert index.shape == (1, 1, U) and set((index // U).flatten().tolist()) == {B}
 
 
+def test_mean_of_group_expected_attention():
+    from seqtool.patches.expected_attention import expected_scores
+
+    call = planted(8)  # identical queries: zero covariance; zero RoPE frequencies: no rotation
+    scores = expected_scores(call, torch.zeros(D // 2), future=4, sinks=0, vnorm=False)
+    assert scores.shape == (1, 1, U * N) and int(scores[0, 0].argmax()) // U == B
+
+
 def test_max_over_group_block_topk_decode_and_hip_decode():
     sel = BlockTopK(budget=3 * U, block=U, page=U).select_decode(planted(1))
     assert units_of_last_query(sel, 0) == units_of_last_query(sel, 1) == {C}
