@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4, help="passkey prompts per depth (5 depths)")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cached-only", action="store_true", help="evaluate nothing: table of the rows already cached")
     p.add_argument("--cache", default=str(ROOT / "benchmarks/results/hybrid_quality.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/hybrid.md"))
     return p.parse_args()
@@ -115,6 +116,8 @@ def main() -> None:
     if cache.get("settings") != settings:
         cache = {"settings": settings, "rows": {}}
     rows = _rows(args, labels)
+    if args.cached_only:
+        rows = [r for r in rows if r[0] in cache["rows"] and cache["rows"][r[0]].get("cells") == r[1]]
     for key, cells, build in rows:
         if key in cache["rows"] and cache["rows"][key].get("cells") == cells:
             continue

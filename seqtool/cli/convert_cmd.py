@@ -90,9 +90,10 @@ def register(app: typer.Typer) -> None:
         attention_layers: Annotated[str | None, typer.Option("--attention-layers", help="hybrid: layers kept as attention, e.g. 0,3 (default: by retrieval score).", show_default=False)] = None,
         keep_attention: Annotated[float | None, typer.Option("--keep-attention", help="hybrid: fraction of layers kept as attention, highest retrieval scores first (default 0.25).", show_default=False)] = None,
         steps1: Annotated[int | None, typer.Option("--steps1", help="hybrid: stage-1 steps (attention transfer: only the new mixers train; 0 skips; default 60).", show_default=False)] = None,
-        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL + per-layer attention-output matching to the original; mixers + LoRA on the rest; the last quarter at 2 x 2048 tokens; 0 skips; default 150).", show_default=False)] = None,
+        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL + per-layer attention-output matching to the original; mixers + LoRA on the rest; the last quarter at 2 x 2048 tokens; 0 skips; default 150; linear: 300, the last half at 2048).", show_default=False)] = None,
         lora_r: Annotated[int | None, typer.Option("--lora-r", help="hybrid: LoRA rank of stage 2 (default 8).", show_default=False)] = None,
-        data: Annotated[str | None, typer.Option("--data", help="hybrid: training text (as seqtool finetune; default built-in corpus; 30 % synthetic retrieval rows are added).", show_default=False)] = None,
+        data: Annotated[str | None, typer.Option("--data", help="hybrid: training text (as seqtool finetune; default built-in corpus; --mix-retrieval adds synthetic retrieval rows).", show_default=False)] = None,
+        mix_retrieval: Annotated[float | None, typer.Option("--mix-retrieval", help="hybrid: share of synthetic retrieval rows in the training data (default 0.3; 0 for none).", show_default=False)] = None,
         window: Annotated[int | None, typer.Option("--window", help="hybrid, --mixer linear: tokens of softmax attention kept beside the linear attention (default 64).", show_default=False)] = None,
         # --- end hybrid options ---
         calib: CalibOpt = None,
@@ -156,7 +157,8 @@ def register(app: typer.Typer) -> None:
                               json_out=json_out)
         if to == "hybrid":
             # Unset options keep the library's defaults (seqtool.convert.hybrid), the recipe behind the docs' numbers.
-            given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len, "window": window}
+            given = {"steps1": steps1, "steps2": steps2, "lora_r": lora_r, "train_seq_len": seq_len, "window": window,
+                     "mix_retrieval": mix_retrieval}
             options = {"mixer": mixer, "attention_layers": attention_layers, "keep_attention": keep_attention,
                        "data": data, **{k: v for k, v in given.items() if v is not None}}
         make_conversion(to, options)  # unknown --to, missing options: one line, before loading anything

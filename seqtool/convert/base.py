@@ -8,6 +8,7 @@ through :mod:`seqtool.arch.io`, and return a :class:`ConvertResult` that the CLI
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -297,7 +298,7 @@ def convert(model: Any, to: str, *, output: str | Path | None = None, tokenizer:
                            "batch": recovery.batch_size, "seq_len": recovery.seq_len,
                            "data_fingerprint": recovery.data_fingerprint, "final_loss": recovery.loss_end}
     out_path = None
-    if output is not None:
+    if output is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         from seqtool.arch.io import apply_umask, save_model
 
         try:

@@ -32,6 +32,8 @@ MIXERS = ("mamba2", "linear", "deltanet")
 INITS = ("attention", "random")
 DEFAULT_STEPS1 = 60
 DEFAULT_STEPS2 = 150
+# per-mixer stage-2 defaults (the recipes behind docs/hybrid.md's rows): linear needs more steps at 2048 tokens
+MIXER_DEFAULTS = {"linear": {"steps2": 300, "long_frac": 0.5}}
 DEFAULT_SEQ_LEN = 512
 _RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)
@@ -55,7 +57,7 @@ class HybridConversion(Conversion):
     init: str = "attention"
     # distillation (seqtool.convert.hybrid_distill); steps 0 skips a stage, both 0 = initialisation only
     steps1: int = DEFAULT_STEPS1
-    steps2: int = DEFAULT_STEPS2
+    steps2: int | None = None  # None: DEFAULT_STEPS2, or the mixer's MIXER_DEFAULTS
     lora_r: int = 8
     train_seq_len: int = DEFAULT_SEQ_LEN
     batch: int = 8
@@ -63,7 +65,7 @@ class HybridConversion(Conversion):
     lr2: float = 1e-3
     data: str | None = None
     mix_retrieval: float = 0.3
-    long_frac: float = 0.25
+    long_frac: float | None = None  # None: 0.25, or the mixer's MIXER_DEFAULTS
     long_seq_len: int = 2048
     long_batch: int = 2
     bf16: str = "on"
@@ -73,6 +75,10 @@ class HybridConversion(Conversion):
     progress: str = "auto"
 
     def __post_init__(self) -> None:
+        defaults = {"steps2": DEFAULT_STEPS2, "long_frac": 0.25, **MIXER_DEFAULTS.get(self.mixer, {})}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.attention_layers = parse_layers(self.attention_layers)
         self._choice: LayerChoice | None = None
         self._result: nn.Module | None = None

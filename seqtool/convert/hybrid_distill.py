@@ -13,6 +13,7 @@ reloads its trained weights and is skipped).
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,10 @@ class PairMatch(ModuleMatch):
     def __init__(self, pairs: dict[str, str], weight: float = 1.0):
         super().__init__(list(pairs), weight)
         self.pairs = dict(pairs)
+        # Under FSDP the gradient must pass through every sharded module's output, where FSDP re-gathers the
+        # weights and reduces the gradients: a zero-weighted term on the logits makes it (stage 1's loss alone
+        # reads only the mixers' outputs). Gradients are unchanged.
+        self.through_logits = False
 
     def attach(self, student: nn.Module, teacher: nn.Module | None) -> None:
         if teacher is None:
@@ -127,6 +132,8 @@ class PairMatch(ModuleMatch):
                 ref = t[:, :-1].float().pow(2).sum(-1)[mask].sum().clamp_min(1e-12)
                 layer = next((p for p in name.split(".") if p.isdigit()), name)
                 self.metrics[f"rel_layer{layer}"] = round(float(diff.sum(-1)[mask].sum() / ref), 5)
+        if self.through_logits:
+            total = total + ctx.logits.float().sum() * 0.0
         return total / len(self.modules) * ctx.token_scale
 
 
@@ -233,30 +240,45 @@ def _build_schedule(tokenizer, config: DistillConfig, cache: Path | None):
 def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig, *,
              run_dir: str | Path | None, resume: bool, identity: dict | None,
              progress: str) -> tuple[nn.Module, list[StageResult]]:
+    from seqtool.train import dist as dist_mod
     from seqtool.train.loop import Trainer, TrainConfig
     from seqtool.train.objectives import KLDistill
     from seqtool.train.trainable import LoraOptions, merge, prepare
 
+    # under torchrun every process runs both stages on its slice of each batch, FSDP-sharded like `finetune`
+    info = dist_mod.init("fsdp", next(student.parameters()).device)
     created = run_dir is not None and not Path(run_dir).exists()
     try:
-        data1, data2 = _build_schedule(tokenizer, config, Path(run_dir) / "data" if run_dir is not None else None)
+        cache = Path(run_dir) / "data" if run_dir is not None else None
+        if info.is_main:  # rank 0 builds (and caches) the rows first, the others then read them
+            data1, data2 = _build_schedule(tokenizer, config, cache)
+        dist_mod.barrier(info)
+        if not info.is_main:
+            data1, data2 = _build_schedule(tokenizer, config, cache)
     except BadInputError:
-        if created:  # bad --data: leave nothing behind
+        if created and info.is_main:  # bad --data: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+    def trainer(net, data, objectives, train_config, stage):
+        layers = decoder_layers(net.get_base_model() if hasattr(net, "get_base_model") else net)
+        for obj in objectives:  # FSDP's backward hooks sit on the layers' outputs: stage 1 must reach them
+            obj.through_logits = info.enabled
+        return Trainer(net, data, objectives, train_config, teacher=teacher, run_dir=_stage_dir(run_dir, stage),
+                       resume=_resume(_stage_dir(run_dir, stage), resume), identity={**ident, "stage": stage},
+                       dist=info, layers=layers if info.enabled else None)
     ident = {"distill": {k: v for k, v in vars(config).items()}, **(identity or {})}
     results = []
     pairs = attention_pairs(student, teacher)
     if config.steps1 > 0 and pairs:
         net = prepare(student, "full", ["mixer"])
-        trainer = Trainer(net, data1, [PairMatch(pairs)],
-                          TrainConfig(steps=config.steps1, batch=config.batch, lr=config.lr1, seed=config.seed,
-                                      eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
-                                      progress=progress),
-                          teacher=teacher, run_dir=_stage_dir(run_dir, 1),
-                          resume=_resume(_stage_dir(run_dir, 1), resume), identity={**ident, "stage": 1})
-        results.append(_run_stage(1, trainer))
-        student = merge(net)
+        template = copy.deepcopy(net) if info.enabled else None
+        run = trainer(net, data1, [PairMatch(pairs)],
+                      TrainConfig(steps=config.steps1, batch=config.batch, lr=config.lr1, seed=config.seed,
+                                  eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
+                                  progress=progress), 1)
+        results.append(_run_stage(1, run))
+        student = merge(_gathered(run.model, template, info))
     if config.steps2 > 0:
         torch.manual_seed(config.seed + 2)  # LoRA's random init: the same conversion gives the same model
         net = prepare(student, "lora", ["attention", "mlp"], LoraOptions(rank=config.lora_r, alpha=2 * config.lora_r))
@@ -267,16 +289,27 @@ def _distill(student: nn.Module, teacher: nn.Module, tokenizer, config: DistillC
         objectives = [KLDistill(config.kl)]
         if config.match > 0:  # every layer's mixer / attention output matched to the original attention's
             objectives.append(PairMatch(layer_pairs(base, teacher), config.match))
-        trainer = Trainer(net, data2, objectives,
-                          TrainConfig(steps=config.steps2, batch=config.batch, lr=config.lr2, seed=config.seed + 1,
-                                      eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
-                                      progress=progress),
-                          teacher=teacher, run_dir=_stage_dir(run_dir, 2),
-                          resume=_resume(_stage_dir(run_dir, 2), resume), identity={**ident, "stage": 2})
-        results.append(_run_stage(2, trainer))
-        student = merge(net)
+        template = copy.deepcopy(net) if info.enabled else None
+        run = trainer(net, data2, objectives,
+                      TrainConfig(steps=config.steps2, batch=config.batch, lr=config.lr2, seed=config.seed + 1,
+                                  eval_rows=config.eval_rows, bf16=config.bf16, save_every=SAVE_EVERY,
+                                  progress=progress), 2)
+        results.append(_run_stage(2, run))
+        student = merge(_gathered(run.model, template, info))
     student.eval()
     return student, results
+
+
+def _gathered(model: nn.Module, template: nn.Module | None, info) -> nn.Module:
+    """The trained model, whole on every process: under FSDP the shards are all-gathered into ``template`` (an
+    unsharded copy made before wrapping), so every rank goes on with the same merged student."""
+    if template is None:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    template.load_state_dict({k: v.detach().cpu() for k, v in full.items()})
+    return template
 
 
 def _run_stage(stage: int, trainer) -> StageResult:
