@@ -22,12 +22,12 @@ LONG_METHODS = METHODS
 #: LongLoRA trains the attention projections (LoRA) plus embeddings and norms.
 LONG_TRAIN_KINDS = "attention,embed,norm"
 #: Defaults of a ``--context`` run where the user sets nothing (the recipe behind docs/long_context.md's numbers):
-#: 40 steps of one row of ``context`` tokens, 50 % synthetic retrieval rows (passkey, NIAH, ...) among the built-in
+#: 60 steps of one row of ``context`` tokens, 50 % synthetic retrieval rows (passkey, NIAH, ...) among the built-in
 #: text; objectives LM + answer-token CE + KL and attention-output matching to the model before the extension (the
 #: teacher, on the positions it was trained for); LoRA rank 8 at lr 2e-4 (a low rate: more moves the model off its
 #: full-attention behaviour faster than it learns the new positions). ``short_frac`` > 0 (``--short-frac``) puts
 #: that share of the steps on ``short_batch`` rows of ``short_seq_len`` tokens first (measured worse at 8k).
-LONG_RECIPE: dict[str, Any] = {"steps": 40, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.5,
+LONG_RECIPE: dict[str, Any] = {"steps": 60, "batch": 1, "train": LONG_TRAIN_KINDS, "mix_retrieval": 0.5,
                                "eval_rows": 8, "lr": 2e-4, "loss": "lm=1,answer=1,kl=1,match=1",
                                "short_frac": 0.0, "short_seq_len": 512, "short_batch": 4}
 
