@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         warmup: Annotated[int | None, typer.Option("--warmup", help="Warmup steps (default: min(100, steps/10)).", show_default=False)] = None,
         weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
         clip: Annotated[float, typer.Option("--clip", help="Gradient-norm clipping (0: off).")] = 1.0,
-        short_frac: Annotated[float | None, typer.Option("--short-frac", help="--context: share of the steps on rows of the model's trained context before the rows of --context (default: the recipe's).", show_default=False)] = None,
+        short_frac: Annotated[float | None, typer.Option("--short-frac", help="--context: share of the steps on 4 rows of 512 tokens (at most the trained context) before the rows of --context (default 0).", show_default=False)] = None,
         mix_retrieval: Annotated[float | None, typer.Option("--mix-retrieval", help="Share of synthetic retrieval rows (passkey, NIAH, ...), e.g. 0.3 (default 0; --context: the recipe's).", show_default=False)] = None,
         context: Annotated[str | None, typer.Option("--context", help="Extend the context: train rows of this length (8k) and set max_position_embeddings.", show_default=False)] = None,
         rope_scale: Annotated[str | None, typer.Option("--rope-scale", help="With --context: linear:F | dynamic:F | yarn:F written as rope_parameters (default: linear, new context / trained context).", show_default=False)] = None,

@@ -271,7 +271,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
     phases = [(steps, seq_len, batch)]
     if long_setup is not None:
         phases = long_setup.phases(steps, batch, short_frac if short_frac is not None else recipe.get("short_frac", 0.0),
-                                   recipe.get("short_batch", batch))
+                                   recipe.get("short_batch", batch), recipe.get("short_seq_len"))
     configs = [DataConfig(source=data, seq_len=length, heldout=heldout, seed=seed, mix_retrieval=mix_retrieval,
                           max_train_tokens=max(n * b * grad_accum * length, 64 * length) if data is None else None)
                for n, length, b in phases]

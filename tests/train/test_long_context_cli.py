@@ -69,7 +69,7 @@ def test_recipe_schedule_and_self_teacher(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["teacher"] == "tiny-llama (before the extension)"
-    assert data["data"]["schedule"] == [{"until_step": 2, "seq_len": 128, "batch": 1},
+    assert data["data"]["schedule"] == [{"until_step": 2, "seq_len": 128, "batch": 4},
                                         {"until_step": 4, "seq_len": 256, "batch": 1}]
     assert data["loss_final"]["loss_kl"] > 0  # the scaled RoPE differs from the teacher's
 
@@ -85,6 +85,10 @@ def test_phases(frac, want):
     setup = LongContextSetup(plan, "sinklora", 2048, 4)
     assert setup.teacher_context() == 2048
     assert setup.phases(10, 1, frac, 2) == want
+    assert setup.phases(10, 1, 0.99, 4) == [(9, 2048, 4), (1, 8192, 1)]  # at least one step at the new context
+    assert setup.phases(1, 1, 0.9, 4) == [(1, 8192, 1)]
+    assert setup.phases(10, 1, 0.5, 4, short_len=512) == [(5, 512, 4), (5, 8192, 1)]
+    assert setup.phases(10, 1, 0.5, 4, short_len=4096) == [(5, 2048, 4), (5, 8192, 1)]  # capped: the teacher's
     with pytest.raises(Exception, match="short_frac"):
         setup.phases(10, 1, 1.0, 2)
 
