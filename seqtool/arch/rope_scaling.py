@@ -11,7 +11,9 @@ config and rebuilds the rotary embeddings, so the model in memory, the saved che
   key keeps the trained context (the threshold) and the new context is recorded in the recipe step only; writing
   the new context there would make the scaling a no-op up to it.
 - No ``--rope-scale`` (or a type without ``:F``): factor = new context / the trained context where seqtool knows
-  it (a recipe step with ``context``, or the shipped ``ref``: 2048), else / ``max_position_embeddings``; linear.
+  it (a recipe step with ``context``, or the shipped ``ref``: 2048), else / ``max_position_embeddings``; the
+  type is yarn (linear for a model already scaled linearly): on ``ref`` 2k -> 8k, yarn:4 keeps passkey 1.00 before
+  any training, linear:4 loses it and no recipe tried brings it back (docs/long_context.md).
   A factor <= 1 leaves RoPE unchanged.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from seqtool.errors import BadInputError
 from seqtool.utils import parse_length
 
 ROPE_TYPES = ("linear", "dynamic", "yarn")
+DEFAULT_ROPE_TYPE = "yarn"  # without --rope-scale TYPE (see the module docstring)
 
 
 @dataclass
@@ -123,7 +126,7 @@ def plan_context_extension(config: Any, context: str | int, rope_scale: str | No
     else:
         raise BadInputError("the model's trained context is unknown and it has no max_position_embeddings; "
                             "pass --rope-scale TYPE:FACTOR")
-    kind = kind or "linear"
+    kind = kind or ("linear" if current == "linear" else DEFAULT_ROPE_TYPE)
     if factor <= 1.0 and source != "given":
         return ContextPlan(ctx, max(ctx, old_max or 0), None, factor, None, source, trained)
     original = int(base or ctx)

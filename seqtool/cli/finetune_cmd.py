@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         short_frac: Annotated[float | None, typer.Option("--short-frac", help="--context: share of the steps on 4 rows of 512 tokens (at most the trained context) before the rows of --context (default 0).", show_default=False)] = None,
         mix_retrieval: Annotated[float | None, typer.Option("--mix-retrieval", help="Share of synthetic retrieval rows (passkey, NIAH, ...), e.g. 0.3 (default 0; --context: the recipe's).", show_default=False)] = None,
         context: Annotated[str | None, typer.Option("--context", help="Extend the context: train rows of this length (8k) and set max_position_embeddings.", show_default=False)] = None,
-        rope_scale: Annotated[str | None, typer.Option("--rope-scale", help="With --context: linear:F | dynamic:F | yarn:F written as rope_parameters (default: linear, new context / trained context).", show_default=False)] = None,
+        rope_scale: Annotated[str | None, typer.Option("--rope-scale", help="With --context: linear:F | dynamic:F | yarn:F written as rope_parameters (default: yarn, new context / trained context).", show_default=False)] = None,
         group_size: Annotated[str | None, typer.Option("--group-size", help="sinklora/s2attn group in tokens; must divide --context (default context/4).", show_default=False)] = None,
         sinks: Annotated[int | None, typer.Option("--sinks", help="sinklora global sink tokens (default 4).", show_default=False)] = None,
         eval_every: Annotated[int, typer.Option("--eval-every", help="Held-out loss every N steps (0: only before/after).")] = 0,
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
           seqtool finetune ./student --teacher ./llama --loss lm=0.5,kl=1 --mix-retrieval 0.3 --steps 500 -o out
           seqtool finetune ./llama --run-dir run --resume --steps 1000 -o out   # continue a killed run
           torchrun --nproc_per_node 4 -m seqtool finetune ./llama --data d.jsonl --dist fsdp --steps 1000 -o out
-          seqtool finetune ref --method sinklora --context 8k --rope-scale linear:4 --run-dir run -o ref-8k
+          seqtool finetune ref --method sinklora --context 8k --rope-scale yarn:4 --run-dir run -o ref-8k
           seqtool finetune ./llama --method s2attn --context 16k --group-size 4k --steps 500 -o out
         """
         check_model(model)  # model, teacher, then output: checked before anything is loaded

@@ -33,7 +33,7 @@ INITS = ("attention", "random")
 DEFAULT_STEPS1 = 60
 DEFAULT_STEPS2 = 150
 # per-mixer stage-2 defaults (the recipes behind docs/hybrid.md's rows): linear needs more steps at 2048 tokens
-MIXER_DEFAULTS = {"linear": {"steps2": 300, "long_frac": 0.5}}
+MIXER_DEFAULTS = {"linear": {"steps2": 300, "long_frac": 0.5}, "deltanet": {"steps2": 300, "long_frac": 0.5}}
 DEFAULT_SEQ_LEN = 512
 _RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)

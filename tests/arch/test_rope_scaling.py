@@ -58,7 +58,8 @@ def test_default_factor_from_trained_context():
     model, _ = build_preset("tiny-llama")
     # unknown trained context: over max_position_embeddings (4096)
     plan = plan_context_extension(model.config, "8k")
-    assert (plan.rope_type, plan.factor) == ("linear", 2.0) and "max_position_embeddings 4096" in plan.describe()
+    assert (plan.rope_type, plan.factor) == ("yarn", 2.0) and "max_position_embeddings 4096" in plan.describe()
+    assert plan.rope_parameters["original_max_position_embeddings"] == 4096
     # a seqtool recipe step that records the context wins
     recipe_mod.write(model.config, [{"op": "finetune", "context": 2048}])
     plan = plan_context_extension(model.config, "8k", "yarn")
@@ -90,3 +91,11 @@ def test_refused_models():
     with pytest.raises(BadInputError, match="Phi3Config does not accept"):
         apply_context_extension(phi3, plan_context_extension(phi3.config, "8k", "linear:4"))
     assert phi3.config.rope_parameters["rope_type"] == "default"  # untouched on refusal
+
+
+def test_a_linearly_scaled_model_stays_linear_without_a_type():
+    """The default type is yarn, but a model already scaled linearly is extended linearly (factors multiply)."""
+    model, _ = build_preset("tiny-llama")
+    apply_context_extension(model, plan_context_extension(model.config, "8k", "linear:2"))
+    plan = plan_context_extension(model.config, "16k", known_trained_context=(8192, "test"))
+    assert (plan.rope_type, plan.rope_parameters["factor"]) == ("linear", 4.0)
