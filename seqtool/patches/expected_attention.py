@@ -25,11 +25,10 @@ from torch import nn
 
 from seqtool.errors import BadInputError, UnsupportedModelError
 from seqtool.kernels._common import rope_rotate
-from seqtool.patches._evict import PrefillScored
 from seqtool.patches.base import AttentionMethod, AttnCall
 from seqtool.patches.registry import register_method
 from seqtool.patches.selection import Selection
-from seqtool.patches.snapkv import SnapKVCacheLayer
+from seqtool.patches.snapkv import SnapKVCacheLayer, prompt_scored_select
 
 
 def average_rotation(x: torch.Tensor, start: int, n: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -97,15 +96,9 @@ class ExpectedAttention(AttentionMethod):
             raise UnsupportedModelError("expected_attention needs a RoPE model (pre-RoPE query statistics)")
 
     def select(self, call: AttnCall) -> Selection:
-        cache = call.cache
-        if isinstance(cache, SnapKVCacheLayer) and cache.origin is not None:
-            return cache.kept_selection(call)
-        if not isinstance(cache, SnapKVCacheLayer) or self.budget_rule.is_full:
-            return self.dense_selection(call)
         inv_freq = self._rotary.inv_freq.float()
-        return PrefillScored(call, lambda c: cache.pending.append(
-            (c.rows, c.key_offset, expected_scores(c, inv_freq, self.future, self.sinks, self.covariance,
-                                                   self.vnorm))))
+        return prompt_scored_select(self, call, lambda c: expected_scores(c, inv_freq, self.future, self.sinks,
+                                                                           self.covariance, self.vnorm))
 
     def make_cache_layer(self, runtime: Any) -> SnapKVCacheLayer:
         return SnapKVCacheLayer(runtime, self)

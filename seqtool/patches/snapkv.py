@@ -36,6 +36,18 @@ def window_scores(call: AttnCall, window: int, kernel: int, pool: str = "max") -
     return mass
 
 
+def prompt_scored_select(method: AttentionMethod, call: AttnCall, score) -> Selection:
+    """``select`` of the methods that score the prompt's keys once and evict from a :class:`SnapKVCacheLayer`:
+    after eviction the kept keys; dense at full budget (or without that cache layer); else dense prefill whose keys
+    are scored by ``score(call) -> (B, Hkv, K)`` and queued for the cache layer to evict."""
+    cache = call.cache
+    if isinstance(cache, SnapKVCacheLayer) and cache.origin is not None:
+        return cache.kept_selection(call)
+    if not isinstance(cache, SnapKVCacheLayer) or method.budget_rule.is_full:
+        return method.dense_selection(call)
+    return PrefillScored(call, lambda c: cache.pending.append((c.rows, c.key_offset, score(c))))
+
+
 @register_method
 @dataclass
 class SnapKV(AttentionMethod):
@@ -52,13 +64,7 @@ class SnapKV(AttentionMethod):
             raise BadInputError("snapkv needs window >= 1, an odd kernel >= 1 and pool=max or pool=avg")
 
     def select(self, call: AttnCall) -> Selection:
-        cache = call.cache
-        if isinstance(cache, SnapKVCacheLayer) and cache.origin is not None:
-            return cache.kept_selection(call)
-        if not isinstance(cache, SnapKVCacheLayer) or self.budget_rule.is_full:
-            return self.dense_selection(call)
-        return PrefillScored(call, lambda c: cache.pending.append(
-            (c.rows, c.key_offset, window_scores(c, self.window, self.kernel, self.pool))))
+        return prompt_scored_select(self, call, lambda c: window_scores(c, self.window, self.kernel, self.pool))
 
     def make_cache_layer(self, runtime: Any) -> "SnapKVCacheLayer":
         return SnapKVCacheLayer(runtime, self)
