@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         attention_layers: Annotated[str | None, typer.Option("--attention-layers", help="hybrid: layers kept as attention, e.g. 0,3 (default: by retrieval score).", show_default=False)] = None,
         keep_attention: Annotated[float | None, typer.Option("--keep-attention", help="hybrid: fraction of layers kept as attention, highest retrieval scores first (default 0.25).", show_default=False)] = None,
         steps1: Annotated[int | None, typer.Option("--steps1", help="hybrid: stage-1 steps (attention transfer: only the new mixers train; 0 skips; default 60).", show_default=False)] = None,
-        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL + per-layer attention-output matching to the original; mixers + LoRA on the rest; the last quarter (linear, deltanet: half) at 2 x 2048 tokens; 0 skips; default 300).", show_default=False)] = None,
+        steps2: Annotated[int | None, typer.Option("--steps2", help="hybrid: stage-2 steps (KL + per-layer attention-output matching to the original; mixers + LoRA on the rest; the last quarter (linear: half) at 2 x 2048 tokens; 0 skips; default 300).", show_default=False)] = None,
         lora_r: Annotated[int | None, typer.Option("--lora-r", help="hybrid: LoRA rank of stage 2 (default 8).", show_default=False)] = None,
         data: Annotated[str | None, typer.Option("--data", help="hybrid: training text (as seqtool finetune; default built-in corpus; --mix-retrieval adds synthetic retrieval rows).", show_default=False)] = None,
         mix_retrieval: Annotated[float | None, typer.Option("--mix-retrieval", help="hybrid: share of synthetic retrieval rows in the training data (default 0.3; 0 for none).", show_default=False)] = None,

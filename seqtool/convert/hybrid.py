@@ -33,8 +33,8 @@ INITS = ("attention", "random")
 DEFAULT_STEPS1 = 60
 DEFAULT_STEPS2 = 300
 # per-mixer stage-2 defaults (the recipes behind docs/hybrid.md's rows): linear needs more steps at 2048 tokens
-# the recurrent mixers need the longer 2048-token phase (docs/hybrid.md: linear at 1/4 of 150 steps: 3.5x ppl)
-MIXER_DEFAULTS = {"linear": {"long_frac": 0.5}, "deltanet": {"long_frac": 0.5}}
+# linear needs the longer 2048-token phase (docs/hybrid.md: linear at 1/4 of 150 steps: 3.5x ppl)
+MIXER_DEFAULTS = {"linear": {"long_frac": 0.5}}
 DEFAULT_SEQ_LEN = 512
 _RUN_ONLY = ("run_dir", "resume", "progress")  # how to run, not what is computed: kept out of the recipe
 NATIVE_MIXERS = ("mamba2",)
