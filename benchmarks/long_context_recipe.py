@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--context", default="8k")
     ap.add_argument("--rope-scale", default="linear:4")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of LONG_RECIPE")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=int, default=None, help="default: 2 x rank (the CLI's 8/16 ratio)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--save-every", default="5m")
@@ -64,14 +66,16 @@ def main() -> None:
         k, _, v = item.partition("=")
         overrides[k] = parse_value(v)
     lc.LONG_RECIPE.update(overrides)
+    alpha = args.lora_alpha or 2 * args.lora_rank
     record = {"name": args.name, "method": args.method, "context": args.context, "rope_scale": args.rope_scale,
-              "recipe": dict(lc.LONG_RECIPE), "overrides": overrides}
+              "recipe": dict(lc.LONG_RECIPE), "overrides": overrides, "lora_rank": args.lora_rank, "lora_alpha": alpha}
     if not args.eval_only:
         c0, w0 = time.process_time(), time.time()
         run_dir = Path(args.output + ".run")
         result = finetune(args.model, method=args.method, context=args.context, rope_scale=args.rope_scale,
                           output=args.output, run_dir=run_dir, resume=(run_dir / "checkpoint.pt").exists(),
-                          save_every=args.save_every, progress="lines", force=True)
+                          save_every=args.save_every, progress="lines", force=True, lora_rank=args.lora_rank,
+                          lora_alpha=alpha)
         hist = result.history
         record.update({"train_cpu_s": round(time.process_time() - c0, 1), "train_wall_s": round(time.time() - w0, 1),
                        "steps": result.steps, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,

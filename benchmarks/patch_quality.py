@@ -58,7 +58,7 @@ class Settings:
     batch: int = 5
 
     def samples_at(self, seq_len: int) -> int:
-        return self.samples if seq_len <= TRAINED_LEN else self.long_samples
+        return self.samples if seq_len <= 2048 else self.long_samples  # prompts beyond 2k cost several 2k ones
 
 
 QUICK = Settings(samples=1, depths=(0.5,), ppl_tokens=512, long_samples=1, tail=4)
@@ -89,6 +89,12 @@ def all_rows(lengths: tuple[int, int, int]) -> list[Row]:
     rows += [Row(m, b, short) for b in (0.1, 0.5) for m in BUDGETED]
     rows += [Row(m, b, n) for n in (mid, long) for b in (0.1, 0.5) for m in LONG]
     return rows
+
+
+def rows_at(seq_len: int) -> list[Row]:
+    """``--at LEN``: dense and every budgeted method at one length (a context-extended model's own context),
+    budget 0.25 first, then 0.1 and 0.5."""
+    return [Row("dense", None, seq_len)] + [Row(m, b, seq_len) for b in (0.25, 0.1, 0.5) for m in BUDGETED]
 
 
 @contextlib.contextmanager
@@ -234,7 +240,9 @@ def render(data: dict, rows: list[Row]) -> str:
         + (f" and `trained_len={TRAINED_LEN}` for longheads" if "longheads" in EXTRA else "") + ". "
         + (f"razor retrieval heads found offline: {', '.join(razor)}. " if razor else "")
         + (f"act calibrated heads: {', '.join(act) if act else 'none found'}. " if act is not None else "")
-        + f"ref is trained to {TRAINED_LEN} tokens: 4k and 8k rows are beyond it. s = wall seconds of the row.",
+        + (f"ref is trained to {TRAINED_LEN} tokens: 4k and 8k rows are beyond it. " if TRAINED_LEN == 2048
+           else f"The model is trained to {TRAINED_LEN} tokens. ")
+        + "s = wall seconds of the row.",
     ]
     if missing:
         notes.append("")
@@ -256,6 +264,7 @@ def write_doc(doc: Path, table: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TRAINED_LEN
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ref", help="preset or checkpoint (default ref)")
     ap.add_argument("--quick", action="store_true", help="tiny sample counts and 1024/1536/2048 tokens (smoke test)")
@@ -268,17 +277,23 @@ def main(argv: list[str] | None = None) -> int:
                                                   "method changed)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SEQTOOL_THREADS", "1")),
                     help="torch threads (1: the shared 2-core machine stalls multi-threaded regions)")
+    ap.add_argument("--at", type=int, default=None, help="only dense and every budgeted method at this length "
+                                                          "(e.g. 8192 for a context-extended model)")
+    ap.add_argument("--trained-len", type=int, default=TRAINED_LEN,
+                    help="the model's trained context (longheads' trained_len; stated under the table)")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON, run nothing")
     args = ap.parse_args(argv)
+    TRAINED_LEN = args.trained_len
+    EXTRA["longheads"] = {"trained_len": TRAINED_LEN}
 
-    full = args.model == "ref" and not args.quick
+    full = args.model == "ref" and not args.quick and args.at is None
     tag = "" if full else f"-{Path(args.model).name}" + ("-quick" if args.quick else "")
     out = args.out or (RESULTS / "patch_quality.json" if full else Path("/tmp") / f"patch_quality{tag}.json")
     md = out.with_suffix(".md")
     doc = args.doc or (DOC if full else None)
     st = QUICK if args.quick else Settings()
     lengths = (1024, 1536, 2048) if args.quick else (2048, 4096, 8192)
-    rows = all_rows(lengths)
+    rows = rows_at(args.at) if args.at else all_rows(lengths)
     data = load_cache(out)
 
     def publish() -> None:

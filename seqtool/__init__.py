@@ -6,7 +6,7 @@ Importing seqtool patches nothing.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from seqtool.version import __version__
 
 __all__ = ["load", "save", "inspect", "profile", "evaluate", "patch", "convert", "prune", "finetune", "__version__"]
 
@@ -62,7 +62,7 @@ def convert(model, to, **options):
 
 def prune(model, ratio, **options):
     """AMP structured pruning; see :mod:`seqtool.convert.prune`."""
-    from seqtool.convert.prune import prune_model
+    from seqtool.convert.pipeline import prune_model
 
     return prune_model(model, ratio, **options)
 

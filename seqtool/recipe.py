@@ -13,7 +13,7 @@ RECIPE_KEY = "seqtool"
 
 
 def _version() -> str:
-    from seqtool import __version__
+    from seqtool.version import __version__
 
     return __version__
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from seqtool import __version__
+from seqtool.version import __version__
 from seqtool.cli import common
 from seqtool.cli import eval_cmd, inspect_cmd, zoo_cmd
 from seqtool.cli import profile_cmd

@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
         if to not in CONVERSION_NAMES:
             raise BadInputError(f"unknown conversion '{to}'; available: {', '.join(CONVERSION_NAMES)}")
         from seqtool.convert import convert
-        from seqtool.convert.base import make_conversion
+        from seqtool.convert.pipeline import make_conversion
 
         options = {}
         if to == "gqa":

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
                                                    recover=recover, steps=steps), device=device, dtype=dtype,
                               json_out=json_out)
         out = resolve_output(model, output, in_place, force)
-        from seqtool.convert.prune import prune_model
+        from seqtool.convert.pipeline import prune_model
 
         with working(f"pruning {ratio:g} of {model} ({criterion})"), offload_option(device_map, max_memory, model):
             result = prune_model(model, ratio, output=out, target=target, criterion=criterion, round_to=round_to,

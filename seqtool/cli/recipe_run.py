@@ -54,7 +54,7 @@ def model_identity(model: str) -> tuple[str, str]:
     absolute path (so a replay works from anywhere). Hash: that name plus, for a directory, its config.json and
     every weight file's name, size and modification time (a changed checkpoint is a new model, without reading
     the weights)."""
-    from seqtool import __version__
+    from seqtool.version import __version__
     from seqtool.arch.paths import resolve_source
     from seqtool.zoo.presets import is_preset
 
@@ -76,7 +76,7 @@ UNHASHED = ("fail_under", "fail_over")
 
 
 def step_hash(step: Step, input_hash: str) -> str:
-    from seqtool import __version__
+    from seqtool.version import __version__
 
     options = {k: v for k, v in step.effective.items() if k not in UNHASHED}
     return _digest({"step": step.name, "options": options, "input": input_hash, "seqtool": __version__})

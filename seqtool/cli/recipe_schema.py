@@ -105,14 +105,23 @@ def _key(param) -> str:
     return max(longs, key=len)[2:].replace("-", "_") if longs else param.name
 
 
+_APP: list[Any] = []  # the Typer app whose commands are the steps (set by run_cmd.register: no import of cli.app)
+
+
+def use_app(app: Any) -> None:
+    """Make ``app``'s commands the recipe steps (called when the ``run`` command is registered on it)."""
+    _APP[:] = [app]
+    step_specs.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def step_specs() -> dict[str, StepSpec]:
     """Every CLI command that takes a MODEL argument, with its options (introspected from the Typer app)."""
     import typer.main
 
-    from seqtool.cli.app import app
-
-    group = typer.main.get_command(app)
+    if not _APP:
+        raise RuntimeError("no CLI app registered for recipe steps: import seqtool.cli.app first")
+    group = typer.main.get_command(_APP[0])
     specs = {}
     for name, command in sorted(group.commands.items()):
         params = {p.name: p for p in getattr(command, "params", [])}

@@ -56,7 +56,7 @@ FUNCTIONS: dict[str, Callable] = {"prune": _public("prune"), "convert": _public(
 
 
 def _convert_signature() -> set[str]:
-    from seqtool.convert.base import convert
+    from seqtool.convert.pipeline import convert
 
     return set(_inspect.signature(convert).parameters)
 
@@ -185,7 +185,7 @@ def preflight(recipe: Recipe) -> None:
 
 def _check_conversion(step: Step) -> None:
     from seqtool.cli.convert_cmd import CONVERSION_NAMES
-    from seqtool.convert.base import make_conversion
+    from seqtool.convert.pipeline import make_conversion
 
     opts = step.effective
     if step.name == "convert":

@@ -74,6 +74,10 @@ def _validated_json(recipe) -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
+    from seqtool.cli.recipe_schema import use_app
+
+    use_app(app)
+
     @app.command("run")
     @handle_errors
     def run_command(

@@ -13,16 +13,16 @@ from __future__ import annotations
 import sys
 import types
 
-from seqtool.convert.base import (CONVERSIONS, Conversion, ConvertResult, RecoveryResult, ShapeSummary, available,
-                                  convert, load_conversions, register)
+from seqtool.convert.base import CONVERSIONS, Conversion, ConvertResult, RecoveryResult, ShapeSummary, register
+from seqtool.convert.pipeline import available, convert, load_conversions
 
 __all__ = ["CONVERSIONS", "Conversion", "ConvertResult", "RecoveryResult", "ShapeSummary", "available", "convert",
            "register", "prune_model", "load_conversions"]
 
 
 def prune_model(model, ratio: float, **options) -> ConvertResult:
-    """AMP structured pruning; see :func:`seqtool.convert.prune.prune_model`."""
-    from seqtool.convert.prune import prune_model as _prune
+    """AMP structured pruning; see :func:`seqtool.convert.pipeline.prune_model`."""
+    from seqtool.convert.pipeline import prune_model as _prune
 
     return _prune(model, ratio, **options)
 

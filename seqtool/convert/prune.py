@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from seqtool.arch.offload import module_weights
 from seqtool.arch.registry import decoder_layers, get_family, head_counts, require_plain_layers
-from seqtool.convert.base import Conversion, ConvertResult, convert, register
+from seqtool.convert.base import Conversion, register
 from seqtool.convert.calib import run_batches
 from seqtool.convert.layout import (AttnWeights, MlpWeights, current_shape, head_rows, read_attention, read_mlp,
                                     set_shape, write_attention, write_mlp)
@@ -360,13 +360,3 @@ def prune_layer(layer: nn.Module, spec, plan: PrunePlan, scores: tuple, heads: i
                                                 kept_kv, head_dim))
     write_mlp(mlp, spec, slice_mlp(read_mlp(mlp, spec), [c for c in range(inter) if c not in dropped_c]))
     return [h for h in range(heads) if h not in kept_q]
-
-
-def prune_model(model, ratio: float, **options) -> ConvertResult:
-    """Prune ``ratio`` of the attention + MLP parameters of ``model`` (path / preset / LoadedModel / module).
-
-    Options: ``target``, ``criterion``, ``round_to``, ``gqa_unit`` (see :class:`PruneConversion`) and everything
-    :func:`seqtool.convert.convert` takes (``output``, ``calib``, ``samples``, ``seq_len``, ``seed``,
-    ``recover="lora"``, ``steps``, ``force``, ``in_place``, ``dtype``, ``device``, ``tokenizer``).
-    """
-    return convert(model, "prune", ratio=ratio, **options)

@@ -74,7 +74,7 @@ def run_step(model: str, command: str, options: dict, *, dtype: str | None, devi
         seq_len = opts.pop("seq_len", 2048)
         evaluate(model, task, seq_lens=[int(seq_len)], dtype=dt, device=device, **opts)
     elif command == "prune":
-        from seqtool.convert.prune import prune_model
+        from seqtool.convert.pipeline import prune_model
 
         prune_model(model, opts.pop("ratio"), output=out, dtype=dt, device=device, **opts)
     elif command == "convert":

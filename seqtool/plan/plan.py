@@ -467,7 +467,7 @@ def _heads(config):
 
 
 def _plan_convert(state, model, options, b, device, dtype) -> _Outcome:
-    from seqtool.convert.base import make_conversion
+    from seqtool.convert.pipeline import make_conversion
     from seqtool.plan.memory import Phase
 
     o = dict(options)

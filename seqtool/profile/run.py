@@ -69,7 +69,7 @@ def _effective_dtype(source: str, dtype: str, device: torch.device) -> torch.dty
 def environment(device: torch.device) -> Environment:
     import transformers
 
-    from seqtool import __version__
+    from seqtool.version import __version__
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

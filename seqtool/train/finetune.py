@@ -190,7 +190,7 @@ def finetune(model: Any, *, steps: int | None = None, data: str | None = None, o
     together (``dist``: fsdp | ddp) and rank 0 saves. Returns a :class:`FinetuneResult` (``.model``: merged).
 
     Long context (:mod:`seqtool.train.long_context`): ``context="8k"`` trains rows of that length and extends the
-    model to it (``rope_scale="linear:4"|"dynamic:4"|"yarn:4"``, default: new context / trained context, linear);
+    model to it (``rope_scale="linear:4"|"dynamic:4"|"yarn:4"``; default: yarn at new context / trained context);
     ``method="sinklora"|"s2attn"`` trains LoRA (default kinds attention,embed,norm) with that grouped attention
     (``group_size``, default context/4; ``sinks``, default 4) while training only; the saved model uses full
     attention. Unset options take the long-context recipe's defaults (:data:`LONG_RECIPE`)."""

@@ -14,12 +14,13 @@ O(T²) memory: for tests only.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: the fast module imports this one for its reference path
-    from seqtool.train.shifted_attention import ShiftedSpec
+#: ``spec`` below is a :class:`seqtool.train.shifted_attention.ShiftedSpec` (``method``, ``group_size``, ``sinks``);
+#: not imported: the fast module imports this one for its reference path.
+ShiftedSpec = Any
 
 
 def reference_mask(seq_len: int, n_heads: int, spec: ShiftedSpec) -> torch.Tensor:

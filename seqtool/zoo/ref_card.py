@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+#: Needles per haystack of a ``multiquery_many`` training row of ``ref`` (``multiquery``: 2-8, as multikey).
+MANY_NEEDLES = (8, 16)
+
 
 def _loss_rows(history: list[dict], n_rows: int = 16) -> list[dict]:
     if len(history) <= n_rows:
@@ -89,8 +92,6 @@ def _extra_data(cfg) -> str:
         out += "- Random token strings repeated twice, loss on the second copy only (grows induction heads).\n"
     if any(k.startswith("multiquery") for k in kinds):
         from seqtool.eval.tasks import MULTIKEY_DISTRACTORS
-        from seqtool.zoo.train_ref import MANY_NEEDLES
-
         many = f"{MANY_NEEDLES[0]}-{MANY_NEEDLES[1]}"
         out += ("- Multi-query rows: a multi-key NIAH haystack followed by questions about several of its needles,\n"
                 f"  each answered (answer loss on every answer). `multiquery`: 2-{MULTIKEY_DISTRACTORS + 1} needles; "

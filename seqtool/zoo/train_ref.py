@@ -34,10 +34,10 @@ from seqtool.errors import BadInputError
 from seqtool.eval.generate import greedy_generate
 from seqtool.eval.tasks import NIAH_QUESTION, TASKS, TaskSample, make_sample
 from seqtool.zoo import corpus
+from seqtool.zoo.ref_card import MANY_NEEDLES
 from seqtool.zoo.ref_tokenizer import chunk_text, train_tokenizer
 
 KINDS = ("text", "induction", "multiquery", "multiquery_many", "multiquery_first", "multiquery_far") + TASKS
-MANY_NEEDLES = (8, 16)  # needles per haystack of a ``multiquery_many`` row (``multiquery``: 2-8, as multikey)
 # ``multiquery_first``: a ``multiquery_many`` row whose first question is about the haystack's first needle;
 # ``multiquery_far``: the same with a prompt filling 7/8 or more of the row (the needle is far back)
 

@@ -11,7 +11,7 @@ from seqtool.arch.offload import make_offload, offloading
 from seqtool.arch.stream import SafetensorsSource
 from seqtool.cli.app import app
 from seqtool.convert import convert
-from seqtool.convert.prune import prune_model
+from seqtool.convert.pipeline import prune_model
 from seqtool.errors import BadInputError
 
 CALIB = dict(samples=2, seq_len=32)

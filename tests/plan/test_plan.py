@@ -34,7 +34,7 @@ def test_predicted_peak_matches_measured_on_ref(index, ref_peaks):
 
 def test_chain_shapes_equal_the_real_conversions(tmp_path):
     from seqtool.convert import convert
-    from seqtool.convert.prune import prune_model
+    from seqtool.convert.pipeline import prune_model
 
     plan = plan_recipe("tiny-llama", [("prune", {"ratio": 0.3, "criterion": "magnitude"}),
                                       ("convert", {"to": "gqa", "kv_heads": 1}),

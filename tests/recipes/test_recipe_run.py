@@ -162,7 +162,8 @@ def _library_function(name):
 
 def test_every_option_reaches_the_library():
     """Each option of each step changes the library call, under a name the library function takes."""
-    from seqtool.convert.base import CONVERSIONS, convert, load_conversions
+    from seqtool.convert.base import CONVERSIONS
+    from seqtool.convert.pipeline import convert, load_conversions
 
     load_conversions()
     generic = set(inspect.signature(convert).parameters)

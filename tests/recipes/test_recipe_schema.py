@@ -56,12 +56,11 @@ def test_a_new_option_joins_the_schema(monkeypatch):
               brand_new: Annotated[int, typer.Option("--brand-new")] = 3) -> None:
         pass
 
-    monkeypatch.setattr("seqtool.cli.app.app", extra)
-    schema.step_specs.cache_clear()
+    schema.use_app(extra)
     try:
         assert schema.step_specs()["prune"].options["brand_new"].kind == "int"
     finally:
-        schema.step_specs.cache_clear()
+        schema.use_app(app)
 
 
 def _parse(text: str, **kw):
@@ -149,7 +148,7 @@ def test_schema_errors_import_nothing_heavy(tmp_path):
     """Schema errors are found without importing torch (validate answers as fast as --help)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: ref\nsteps: [{eval: {}}, {prune: {ratio: 0.2}}]\n")
-    code = ("import sys\nfrom seqtool.cli.run_cmd import load\ntry:\n    load(sys.argv[1], None)\n"
+    code = ("import sys\nimport seqtool.cli.app\nfrom seqtool.cli.run_cmd import load\ntry:\n    load(sys.argv[1], None)\n"
             "except Exception as e:\n    print(type(e).__name__)\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120,
