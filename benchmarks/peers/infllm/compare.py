@@ -20,6 +20,7 @@ Official: ``block_size=64``, ``n_init=64`` (= 1 sink unit), ``n_local=128`` (= 2
 
 Modes (all on ``ref``):
 * ``check``: the recorded keep mask, rebuilt into attention, reproduces the official output (:func:`check_mask`).
+* ``units``: the needle unit's rank under the official unit score vs the head's true attention (:func:`unit_ranks`).
 * ``captures``: per needle head, needle recall, answer recall and kept-set overlap with seqtool at the answer
   query (last prompt token); official shared-across-heads selection (the official default, ``perhead=False``)
   and ``perhead=True``.
@@ -81,11 +82,20 @@ class _NoEvent:
         pass
 
 
-def _shim_cuda() -> None:
-    torch.cuda.Stream = lambda *a, **k: _NoStream()
+@contextlib.contextmanager
+def _on_cpu():
+    """While the official code runs: ``device="cuda"`` → CPU, ``torch.cuda`` streams and events → no-ops."""
+    names = ("Stream", "stream", "current_stream", "Event")
+    saved = {n: getattr(torch.cuda, n) for n in names}
+    torch.cuda.Stream, torch.cuda.Event = _NoStream, _NoEvent
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
-    torch.cuda.Event = lambda *a, **k: _NoEvent()
+    try:
+        with _CpuForCuda():
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.cuda, n, f)
 
 
 def load_official(path: str):
@@ -97,16 +107,32 @@ def load_official(path: str):
     pkg = types.ModuleType("inf_llm")
     pkg.__path__ = [str(root / "inf_llm")]
     sys.modules["inf_llm"] = pkg
-    _shim_cuda()
     cm = importlib.import_module("inf_llm.attention.context_manager")
     rope = importlib.import_module("inf_llm.attention.rope")
     return cm.ContextManager, rope.RotaryEmbeddingESM
 
 
+#: ``--official-set`` overrides (``n_init``, ``n_local``, ``block_size``, ``exc_block_size``, ``repr_topk``); ``topk``
+#: is then recomputed so that init + local + topk units still fill the budget.
+OVERRIDES: dict[str, int] = {}
+
+
+#: ``variants`` mode: other official settings at the same kept-key budget.
+VARIANTS: dict[str, dict[str, int]] = {
+    "matched": {}, "repr_topk=1": {"repr_topk": 1}, "repr_topk=16": {"repr_topk": 16},
+    "block_size=32": {"block_size": 32}, "block_size=16": {"block_size": 16},
+    "n_local=256": {"n_local": 256}, "n_init=128": {"n_init": 128},
+}
+
+
 def official_params(budget: float, seq_len: int) -> dict:
-    units = math.ceil(budget * seq_len / UNIT)
-    return {"n_init": SINK * UNIT, "n_local": LOCAL * UNIT, "block_size": UNIT, "topk": units - SINK - LOCAL,
-            "exc_block_size": UNIT, "repr_topk": REPR, "max_cached_block": 32}
+    p = {"n_init": SINK * UNIT, "n_local": LOCAL * UNIT, "block_size": UNIT, "exc_block_size": UNIT,
+         "repr_topk": REPR, "max_cached_block": 32, **OVERRIDES}
+    p["exc_block_size"] = min(p["exc_block_size"], p["n_local"])  # the official code asserts exc <= n_local
+    keys = math.ceil(budget * seq_len / UNIT) * UNIT  # seqtool's budget in whole 64-token units
+    p["topk"] = max(1, (keys - p["n_init"] - p["n_local"]) // p["block_size"])
+    p["max_cached_block"] = max(p["max_cached_block"], p["topk"])
+    return p
 
 
 class OfficialLayer:
@@ -114,7 +140,7 @@ class OfficialLayer:
 
     def __init__(self, classes, inv_freq: torch.Tensor, params: dict, perhead: bool):
         CM, Rope = classes
-        with _CpuForCuda():
+        with _on_cpu():
             rope = Rope(inv_freq.numel() * 2, 10000, 1.0)
         rope.inv_freq = inv_freq.float().clone()  # the model's own frequencies
         p = params
@@ -127,15 +153,21 @@ class OfficialLayer:
                                      "n_blocks": self.num_global_block, "init": self.init_k.size(-2)})
                 return ret
 
+            def get_block_k(self, k, score):  # record which tokens the official code takes as representatives
+                outer.reprs.append(score.topk(self.repr_topk, dim=-1).indices.clone())  # same call as official
+                return super().get_block_k(k, score)
+
             def get_global_hidden_and_mask(self, len_q, block_topk):
                 out = super().get_global_hidden_and_mask(len_q, block_topk)
                 outer.chunks[-1]["global_len"] = out[0].size(-2)
                 return out
 
-        self.cm = Recorded(rope, p["n_init"], p["n_local"], p["block_size"], p["max_cached_block"], p["topk"],
-                           p["exc_block_size"], None, False, p["repr_topk"], "lru", None, False, False, False,
-                           perhead)
+        with _on_cpu():
+            self.cm = Recorded(rope, p["n_init"], p["n_local"], p["block_size"], p["max_cached_block"], p["topk"],
+                               p["exc_block_size"], None, False, p["repr_topk"], "lru", None, False, False, False,
+                               perhead)
         self.p, self.perhead, self.chunks = p, perhead, []
+        self.reprs: list[torch.Tensor] = []  # per unit, (units, heads, repr_topk) token offsets in the unit
 
         def init(cm_self, *a):  # the official init asserts that its tensors are on CUDA
             saved = torch.Tensor.is_cuda
@@ -152,7 +184,7 @@ class OfficialLayer:
         ``(Hq, L, P + L)`` (``P`` tokens fed before)."""
         start, L = self.cm.length, q.shape[1]
         self.chunks = []
-        with _CpuForCuda(), torch.no_grad():
+        with _on_cpu(), torch.no_grad():
             o = self.cm.append(q[None].float(), k[None].float(), v[None].float(), q[None].float(), k[None].float(),
                                v[None].float())
         return o.reshape(q.shape), self._mask(start, L, q.shape[0])
@@ -218,6 +250,53 @@ def check_mask(cap: dict, layer: int, classes, params: dict, perhead: bool, tail
     vv = v.repeat_interleave(g, 0)
     rebuilt = p[..., :n] @ vv + p[..., n:] @ vv
     return float((rebuilt - torch.cat(outs, 1)).abs().max())
+
+
+def unit_ranks(cap: dict, budget: float, classes, tail: int) -> list[dict]:
+    """Why the needle unit is (not) chosen at the answer query, per needle head: the needle unit's rank (1 = best)
+    among the memory units under the official score (shared over heads: the sum of every head's
+    ``rot(q, n_local - 1) · rep``), the same score in the needle head alone, and the head's true attention
+    (max over the unit's keys of the post-RoPE score: what block_topk ranks by); whether a needle token is among
+    the unit's official representative tokens, and the needle's share of the unit's local-attention score."""
+    n = len(cap["input_ids"])
+    params = official_params(budget, cap["seq_len"])
+    bs, n_init = params["block_size"], params["n_init"]
+    span = torch.arange(cap["needle_pos"], cap["needle_pos"] + cap["needle_len"])
+    rows = []
+    for layer, h, mass in H.needle_heads(cap):
+        e = cap["layers"][layer]
+        off = OfficialLayer(classes, cap["inv_freq"], params, False)
+        off.feed(e["q_pre"][:, :n - tail], e["k_pre"][:, :n - tail], e["v"][:, :n - tail])
+        for t in range(n - tail, n):
+            off.feed(e["q_pre"][:, t:t + 1], e["k_pre"][:, t:t + 1], e["v"][:, t:t + 1])
+        hq, d = e["q"].shape[0], e["q"].shape[-1]
+        reps = off.cm.block_k[0].get_data().reshape(-1, hq, d).float()  # (units, Hq, D) official representatives
+        idx = torch.stack([r[0] for r in off.reprs])  # (units, Hq, repr_topk)
+        nb = reps.shape[0]
+        g = hq // e["k"].shape[0]
+        c1, s1 = _rope(cap["inv_freq"], torch.tensor([params["n_local"] - 1]))
+        qg = _rotate(e["q_pre"][:, n - 1].float(), c1, s1)  # (Hq, D)
+        shared = torch.einsum("hd,uhd->u", qg, reps)
+        head = reps[:, h] @ qg[h]
+        true = (e["k"][h // g, n_init:n_init + nb * bs].float() @ e["q"][h, n - 1].float()).reshape(nb, bs).amax(-1)
+        # 2 x 2: representatives vs every key of the unit (max), InfLLM's fixed distance vs true positions
+        kh = e["k"][h // g].float()  # post-RoPE keys of the head's KV head
+        pos = n_init + torch.arange(nb)[:, None] * bs + idx[:, h]  # (units, repr_topk) representative positions
+        repr_true = kh[pos].mean(1) @ e["q"][h, n - 1].float()
+        fixed_max = (e["k_pre"][h // g, n_init:n_init + nb * bs].float() @ qg[h]).reshape(nb, bs).amax(-1)
+        units = sorted({int(u) for u in (span - n_init) // bs if 0 <= u < nb})
+
+        def rank(sc):
+            return min(int((sc > sc[u]).sum()) + 1 for u in units) if units else None
+
+        rep_pos = [sorted(int(n_init + u * bs + i) for i in idx[u, h]) for u in units]
+        rows.append({"head": f"{layer}.{h}", "needle_mass": mass, "units": nb, "topk": params["topk"],
+                     "needle_units": units, "rank_official_shared": rank(shared), "rank_official_head": rank(head),
+                     "rank_true_attention": rank(true),
+                     "rank_repr_true_positions": rank(repr_true), "rank_max_fixed_distance": rank(fixed_max), "needle_unit_repr_tokens": rep_pos,
+                     "needle_span": [int(span[0]), int(span[-1])],
+                     "needle_token_is_repr": any(p in set(span.tolist()) for r in rep_pos for p in r)})
+    return rows
 
 
 # ---- seqtool's selection on the same q/k ---------------------------------------------------------------------------
@@ -387,6 +466,99 @@ def passkey_e2e(loaded, samples, classes, inv_freq, params, perhead, tail: int =
     return hits
 
 
+def render_md(r: dict) -> str:
+    """The results JSON as the markdown tables of ``benchmarks/results/peers_infllm.md``."""
+    c = r.get("official_commit") or "<commit>"
+    out = ["# InfLLM: official unit selection vs seqtool `infllm` on the same inputs (issue 17)", "",
+           f"Official code: thunlp/InfLLM @ `{c}`: `ContextManager` (`inf_llm/attention/context_manager.py`) "
+           "run unchanged on CPU under a thin shim (`device=\"cuda\"` → CPU, `torch.cuda` streams/events no-ops, "
+           "`Tensor.is_cuda` answered True inside its `init`); the selection is what its `calc_block_topk` "
+           "returned and its `get_global_hidden_and_mask` loaded, per chunk. Model `ref` (4 layers, 8 heads, MHA), "
+           "2048-token passkey prompts, fp32, x86_64 CPU, 1 thread.", "", "```bash",
+           f"git clone https://github.com/thunlp/InfLLM /tmp/infllm-official && git -C /tmp/infllm-official checkout {c}",
+           "python benchmarks/peers/selection_harness.py capture --model ref --seq-len 2048 --depths 0.25,0.5,0.75 "
+           "-o /tmp/caps",
+           "J=benchmarks/results/peers_infllm.json; O=\"--official /tmp/infllm-official --json-out $J\"",
+           "python benchmarks/peers/infllm/compare.py $O --modes check,units,captures --budgets 0.5,0.25",
+           "python benchmarks/peers/infllm/compare.py $O --modes dense,passkey,e2e --budgets 0.5,0.25,1.0 --samples 5",
+           f"python benchmarks/peers/infllm/compare.py $O --modes variants --budgets 0.5,0.25 --official-commit {c}",
+           "python benchmarks/peers/infllm/compare.py $O --modes report --md-out benchmarks/results/peers_infllm.md",
+           "```", "",
+           "Parameters matched to seqtool's budget (seqtool `infllm` defaults: 64-token units, 1 sink unit, 2 local "
+           "units, `repr_topk=4`; budget B keeps `ceil(B*2048/64)` units at the answer query): `block_size=64`, "
+           "`n_init=64`, `n_local=128`, `exc_block_size=64` (seqtool's query block; the official code needs it "
+           "<= n_local), `topk` = the remaining units, `repr_topk=4` (official configs), `chunk_size` = the whole "
+           "prompt (configs: 8192). The official code also attends every not-yet-unit token older than the local "
+           "window (its remainder), so it keeps 64 keys more than seqtool at the answer query (kept column).", "",
+           "| budget | n_init | n_local | block_size | exc_block_size | topk | repr_topk | max_cached_block |",
+           "|---|---|---|---|---|---|---|---|"]
+    for b, p in r["params"].items():
+        out.append(f"| {b} | {p['n_init']} | {p['n_local']} | {p['block_size']} | {p['exc_block_size']} | "
+                   f"{p['topk']} | {p['repr_topk']} | {p['max_cached_block']} |")
+    if "mask_check" in r:
+        worst = max(r["mask_check"].values())
+        out += ["", f"Mask check: attention rebuilt from the recorded keep masks reproduces the official output on "
+                f"every query of every layer (budgets {', '.join(r['params'])}, shared and per-head): max |Δ| = "
+                f"{worst:.1e} (fp32)."]
+    if "captures" in r:
+        out += ["", "### Answer query (last prompt token), needle heads", "",
+                "needle = share of the head's dense needle mass kept; answer = dense attention mass kept; "
+                "overlap = |official ∩ seqtool| / |official ∪ seqtool|; kept = keys kept at the answer query.", "",
+                "| depth | budget | head | needle mass | needle official shared / per-head / seqtool | "
+                "answer official shared / per-head / seqtool | overlap shared / per-head | kept official / seqtool |",
+                "|---|---|---|---|---|---|---|---|"]
+        by = {}
+        for row in r["captures"]:
+            by.setdefault((row["depth"], row["budget"]), {})[row["official_perhead"]] = row
+        for (depth, budget), pair in by.items():
+            sh, ph = pair[False], pair[True]
+            for a, b in zip(sh["needle_heads"], ph["needle_heads"]):
+                out.append(f"| {depth} | {budget} | {a['head']} | {a['needle_mass']} | {a['official_needle_recall']} / "
+                           f"{b['official_needle_recall']} / {a['seqtool_needle_recall']} | "
+                           f"{a['official_answer_recall']} / {b['official_answer_recall']} / "
+                           f"{a['seqtool_answer_recall']} | {a['overlap']} / {b['overlap']} | "
+                           f"{int(a['official_kept'])} / {int(a['seqtool_kept'])} |")
+            m, n = sh["mean_all_heads"], ph["mean_all_heads"]
+            out.append(f"| {depth} | {budget} | all 32 (mean) | – | {m['official_needle_recall']} / "
+                       f"{n['official_needle_recall']} / {m['seqtool_needle_recall']} | {m['official_answer_recall']} / "
+                       f"{n['official_answer_recall']} / {m['seqtool_answer_recall']} | {m['overlap']} / "
+                       f"{n['overlap']} | {int(m['official_kept'])} / {int(m['seqtool_kept'])} |")
+    if "unit_ranks" in r:
+        out += ["", "### Why the needle unit is not chosen (answer query)", "",
+                "Rank of the needle's unit among the memory units (1 = first; top-k are kept): official score "
+                "(all heads summed, the official selection), the same score in the needle head alone, the official "
+                "representatives at their true positions, every key of the unit (max) at InfLLM's fixed distance, "
+                "and every key at true positions (the head's real attention). repr = a needle token is one of the "
+                "unit's representative tokens in that head.", "",
+                "| capture @ budget | head | units | topk | official shared | official head | reprs, true pos | "
+                "max key, fixed dist | max key, true pos | repr |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, rows in r["unit_ranks"].items():
+            for x in rows:
+                out.append(f"| {key} | {x['head']} | {x['units']} | {x['topk']} | {x['rank_official_shared']} | "
+                           f"{x['rank_official_head']} | {x['rank_repr_true_positions']} | "
+                           f"{x['rank_max_fixed_distance']} | {x['rank_true_attention']} | "
+                           f"{'yes' if x['needle_token_is_repr'] else 'no'} |")
+    if "variants" in r:
+        out += ["", "### Other official settings at the same budget (3 captures x needle heads)", "",
+                "Needle unit kept by the official selection at the answer query: kept / (captures x needle heads), "
+                "and the needle unit's rank in the retrieval heads 2.3, 2.4, 3.3 (depth 0.25, 0.5, 0.75).", "",
+                "| setting @ budget | n_init / n_local / block / topk / repr_topk | needle unit kept | ranks 2.3 | "
+                "ranks 2.4 | ranks 3.3 |", "|---|---|---|---|---|---|"]
+        for key, v in r["variants"].items():
+            p, hs = v["params"], v["heads"]
+            ranks = {h: "/".join(str(x["rank"]) for x in hs if x["head"] == h) for h in ("2.3", "2.4", "3.3")}
+            out.append(f"| {key} | {p['n_init']} / {p['n_local']} / {p['block_size']} / {p['topk']} / "
+                       f"{p['repr_topk']} | {sum(x['kept'] for x in hs)} / {len(hs)} | {ranks['2.3']} | "
+                       f"{ranks['2.4']} | {ranks['3.3']} |")
+    if "passkey" in r:
+        out += ["", "### Passkey (`ref`, 2048 tokens, depths 0.25 / 0.5 / 0.75, seed 0, 16-token tail)", "",
+                "| run | prompts | passkey | s |", "|---|---|---|---|"]
+        for key, v in r["passkey"].items():
+            name, n = key.rsplit(" x", 1)
+            out.append(f"| {name} | {n} | {v['accuracy']:.2f} | {v.get('seconds', '–')} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official", required=True, help="checkout of github.com/thunlp/InfLLM")
@@ -397,14 +569,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--tail", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--official-set", help="override the matched official parameters, e.g. n_local=256,repr_topk=1")
+    ap.add_argument("--official-commit", help="commit of the checkout when it is not a git work tree")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--md-out", type=Path, help="render the JSON results as markdown (mode 'report')")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    classes = load_official(args.official)
+    for item in filter(None, (args.official_set or "").split(",")):
+        k, v = item.split("=")
+        OVERRIDES[k] = int(v)
+    classes = load_official(args.official) if args.modes != "report" else None
     budgets = [float(b) for b in args.budgets.split(",")]
     modes = args.modes.split(",")
     commit = subprocess.run(["git", "-C", args.official, "rev-parse", "HEAD"], capture_output=True, text=True)
-    result = {"official_commit": commit.stdout.strip() or None, "budgets": budgets, "samples": args.samples,
+    result = {"official_commit": commit.stdout.strip() if commit.returncode == 0 else args.official_commit, "budgets": budgets, "samples": args.samples,
               "tail": args.tail, "params": {str(b): official_params(b, args.seq_len) for b in budgets}}
     if args.json_out and args.json_out.exists():
         old = json.loads(args.json_out.read_text())
@@ -416,12 +594,40 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(result, indent=1))
             tmp.replace(args.json_out)
 
+    if "report" in modes:
+        res = json.loads(args.json_out.read_text())
+        args.md_out.write_text(render_md(res))
+        return 0
     if "check" in modes:
         cap = H.load_capture(sorted(args.caps.glob(f"passkey-{args.seq_len}-d*-s0.pt"))[0])
         result["mask_check"] = {f"{b}/{'perhead' if ph else 'shared'}/layer{l}": check_mask(
             cap, l, classes, official_params(b, args.seq_len), ph, args.tail)
             for b in budgets for ph in (False, True) for l in sorted(cap["layers"])}
         print("mask check (max |official output - rebuilt from mask|):", json.dumps(result["mask_check"]), flush=True)
+        save()
+    if "units" in modes:
+        result["unit_ranks"] = {}
+        for path in sorted(args.caps.glob(f"passkey-{args.seq_len}-d*-s0.pt")):
+            for b in budgets:
+                r = unit_ranks(H.load_capture(path), b, classes, args.tail)
+                result["unit_ranks"][f"{path.name}@{b}"] = r
+                print(path.name, b, json.dumps(r), flush=True)
+        save()
+    if "variants" in modes:  # other official settings at the same budget: is the needle unit ever in the top-k?
+        base = dict(OVERRIDES)
+        out = result.setdefault("variants", {})
+        caps = [H.load_capture(p) for p in sorted(args.caps.glob(f"passkey-{args.seq_len}-d*-s0.pt"))]
+        for name, over in VARIANTS.items():
+            OVERRIDES.clear()
+            OVERRIDES.update({**base, **over})
+            for b in budgets:
+                rows = [x for cap in caps for x in unit_ranks(cap, b, classes, args.tail)]
+                out[f"{name} @ {b}"] = {"params": official_params(b, args.seq_len), "heads": [
+                    {"head": x["head"], "rank": x["rank_official_shared"], "units": x["units"],
+                     "kept": x["rank_official_shared"] <= x["topk"]} for x in rows]}
+                print(name, b, json.dumps(out[f"{name} @ {b}"]), flush=True)
+        OVERRIDES.clear()
+        OVERRIDES.update(base)
         save()
     if "captures" in modes:
         paths = sorted(args.caps.glob(f"passkey-{args.seq_len}-d*-s0.pt"))
