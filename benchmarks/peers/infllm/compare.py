@@ -587,6 +587,15 @@ def render_md(r: dict) -> str:
         for key, v in r["passkey"].items():
             name, n = key.rsplit(" x", 1)
             out.append(f"| {name} | {n} | {v['accuracy']:.2f} | {v.get('seconds', '–')} |")
+    if "seqtool_eval" in r:
+        out += ["", "seqtool's own patched run (`python -m seqtool eval ref --task passkey --samples 5 --seq-len 2k "
+                "--depths 0.25,0.5,0.75 --attn infllm:budget=B,min_len=0 --recall --json`: the same 15 prompts):", "",
+                "| attn | passkey by depth 0.25 / 0.5 / 0.75 | passkey | answer recall |", "|---|---|---|---|"]
+        for attn, v in r["seqtool_eval"].items():
+            d = v["per_depth"]
+            mid = [d[k] for k in ("0.25", "0.5", "0.75") if k in d]
+            out.append(f"| `{attn}` | {' / '.join(f'{x:.1f}' for x in d.values())} | "
+                       f"{sum(mid) / len(mid):.2f} | {v['recall_answer']:.3f} |")
     return "\n".join(out) + "\n"
 
 
