@@ -28,9 +28,11 @@ Modes (all on ``ref``):
   every layer with ``selection_harness.passkey_with_selector`` (masked dense attention, original positions).
 * ``e2e``: passkey with the official ``ContextManager``'s own attention output (memory attended at InfLLM's
   fixed distance: queries rotated at position ``n_local - 1``, memory keys un-rotated).
+* ``variants``: ``units`` under other official settings at the same budget (:data:`VARIANTS`; ``--official-set``
+  overrides the matched parameters for every mode). ``dense``: the harness with no selection.
+* ``report``: render ``--json-out`` as markdown into ``--md-out``.
 
-    python benchmarks/peers/infllm/compare.py --official /tmp/infllm-official --caps /tmp/caps \\
-        --budgets 0.5,0.25 --samples 5 --json-out benchmarks/results/peers_infllm.json
+The exact commands that made ``benchmarks/results/peers_infllm.md`` are at its top.
 """
 from __future__ import annotations
 
