@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official", type=Path, required=True, help="checkout of FMInference/H2O")
     ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
-    ap.add_argument("--budgets", default="0.5,0.25,0.1")
+    ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--tails", default="16,0")
     ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
     ap.add_argument("--threads", type=int, default=1)

@@ -6,7 +6,9 @@ The official function is imported from a checkout outside the repo and called un
 channel (the function gathers keys and values with the same indices), so the returned values are the kept positions.
 Parameters matched to a budget ``b``: ``max_capacity_prompt = ceil(b * prompt length)`` (window included, as
 seqtool's ``budget.tokens``), ``window_size=32``, ``kernel_size=5``, ``pooling='avgpool'`` (``init_snapkv``'s
-defaults); seqtool at its defaults (``window=32,kernel=5,pool=max``) and with ``pool=avg``.
+defaults) and ``kernel_size=7, pooling='maxpool'`` (the LongBench configs); seqtool at its defaults
+(``window=32,kernel=5,pool=max``), with ``pool=avg`` and with ``kernel=7``: with the same parameters the kept sets
+must be the same keys (``differing_keys_official_vs_seqtool_same_params``).
 
 Two protocols (see ``evict_harness.py``): ``tail=16`` (seqtool eval: the question is fed after compression, outside
 the window) and ``tail=0`` (the official pipeline: whole prompt prefilled, question inside the window).
@@ -75,7 +77,29 @@ def selectors(mod) -> dict[str, callable]:
                                                                                          pooling="maxpool"),
         "seqtool (defaults: max k5 w32)": lambda q, k, c: seqtool_select(q, k, c),
         "seqtool pool=avg": lambda q, k, c: seqtool_select(q, k, c, pool="avg"),
+        "seqtool kernel=7 (max)": lambda q, k, c: seqtool_select(q, k, c, kernel=7),
     }
+
+
+#: (official, seqtool) selections built with the same parameters: their kept sets must be the same keys.
+SAME = (("official (avgpool k5 w32)", "seqtool pool=avg", 5, "avg"),
+        ("official (maxpool k7 w32, LongBench configs)", "seqtool kernel=7 (max)", 7, "max"))
+
+
+def untied_differences(q, k, a, b, capacity_: int, kernel: int, pool: str) -> int:
+    """Keys in exactly one of the kept sets ``a`` / ``b`` ``(H, n)`` whose score differs from the score at the cut
+    (0: the sets differ only in how ties at the cut were broken: ``torch.topk`` vs seqtool's stable sort)."""
+    from seqtool.patches.snapkv import window_scores
+
+    t = k.shape[1]
+    call = SimpleNamespace(q=q[None], k=k[None], scale=k.shape[-1] ** -0.5, n_rep=q.shape[0] // k.shape[0], tq=t, tk=t)
+    sc = window_scores(call, WINDOW, kernel, pool)[0, :, : t - WINDOW]
+    n = 0
+    for h in range(k.shape[0]):
+        cut = torch.topk(sc[h], capacity_ - WINDOW).values[-1]
+        d = (eh.positions_mask(a[h:h + 1], t) ^ eh.positions_mask(b[h:h + 1], t))[0].nonzero().flatten()
+        n += int((sc[h, d[d < t - WINDOW]] != cut).sum()) + int((d >= t - WINDOW).sum())
+    return n
 
 
 def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded) -> list[dict]:
@@ -105,6 +129,13 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
                 rp = torch.cat([real[layer], torch.arange(plen, t).expand(real[layer].shape[0], tail)], 1)
                 check.append(float(eh.overlap(kept_all[ref_name][layer], rp, t).min()))
             row["replica_vs_seqtool_cache_min_overlap"] = min(check)
+            row["differing_keys_official_vs_seqtool_same_params"] = {
+                f"{a} vs {b}": sum(int((eh.positions_mask(kept_all[a][l], t) ^ eh.positions_mask(kept_all[b][l], t))
+                                       .sum()) for l in cap["layers"]) for a, b, _, _ in SAME}
+            row["untied_differing_keys"] = {
+                f"{a} vs {b}": sum(untied_differences(e["q"][:, :plen], e["k"][:, :plen], kept_all[a][l][:, :c],
+                                                      kept_all[b][l][:, :c], c, kk, pp)
+                                   for l, e in cap["layers"].items()) if c < plen else 0 for a, b, kk, pp in SAME}
             for name, per_layer in kept_all.items():
                 nr, ar, ov, mean_nr, mean_ar = {}, {}, {}, [], []
                 for layer, kept in per_layer.items():
@@ -123,7 +154,9 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
                                            "mean_needle_recall": round(float(torch.stack(mean_nr).mean()), 3),
                                            "mean_answer_recall": round(float(torch.stack(mean_ar).mean()), 3)}
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("depth", "tail", "budget", "replica_vs_seqtool_cache_min_overlap")}),
+            print(json.dumps({k: row[k] for k in ("depth", "tail", "budget", "replica_vs_seqtool_cache_min_overlap",
+                                                   "differing_keys_official_vs_seqtool_same_params",
+                                                   "untied_differing_keys")}),
                   {n: (s["needle_recall"], s["mean_answer_recall"]) for n, s in row["selections"].items()}, flush=True)
     return rows
 
@@ -132,7 +165,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official", type=Path, required=True, help="checkout of FasterDecoding/SnapKV")
     ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
-    ap.add_argument("--budgets", default="0.5,0.25,0.1")
+    ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--tails", default="16,0")
     ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
     ap.add_argument("--passkey-selections", default="official (avgpool k5 w32),seqtool (defaults: max k5 w32)")
