@@ -13,6 +13,9 @@ one each) or seqtool's (``razor.find_retrieval_heads``, top ``retrieval_share`` 
 contains them.
 
     nice -n 10 python benchmarks/peers/razor/compare.py --caps /tmp/caps -o benchmarks/results/peers_razor
+    # KV kept by seqtool's razor with given retrieval heads (one 2048-token passkey prompt, eval protocol):
+    python benchmarks/peers/razor/compare.py --kv-heads 1.3,1.7,2.3,2.4,3.3 --budgets 0.1,0.25 \
+        -o benchmarks/results/peers_razor_kv
 """
 from __future__ import annotations
 
@@ -61,6 +64,34 @@ def rank_of(scores: torch.Tensor, head: str) -> int:
     return order.index(layer * scores.shape[1] + h) + 1
 
 
+def kv_kept(loaded, heads: list[str], budgets: list[float], tail: int = 16) -> list[dict]:
+    """Bytes of KV seqtool's ``razor`` cache holds after one passkey prompt (prefill + ``tail`` steps) against a
+    dense cache of the same tokens, per budget, with ``heads`` protected."""
+    from seqtool.patches import apply_patch, make_cache
+
+    s = sh.passkey_samples(loaded, 2048, [0.5], 1, 0)[0]
+    ids = torch.tensor([s.input_ids])
+    cfg = loaded.model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * ids.shape[1] * d * 4
+    rows = []
+    for b in budgets:
+        handle = apply_patch(loaded.model, "razor", budget=b, min_len=0, heads=tuple(heads))
+        try:
+            cache = make_cache(loaded.model)
+            with torch.no_grad():
+                loaded.model(ids[:, :-tail], cache=cache, use_cache=True)
+                for j in range(ids.shape[1] - tail, ids.shape[1]):
+                    loaded.model(ids[:, j:j + 1], cache=cache, use_cache=True)
+            held = sum(layer.cache_bytes() for layer in cache.layers)
+        finally:
+            handle.remove()
+        rows.append({"budget": b, "heads": heads, "kv_bytes": held, "dense_kv_bytes": dense,
+                     "kept_fraction": round(held / dense, 4), "evicted": round(1 - held / dense, 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
@@ -69,9 +100,15 @@ def main(argv=None) -> int:
     ap.add_argument("--echo-share", type=float, default=0.01)
     ap.add_argument("--threshold", type=float, default=0.3, help="needle mass that makes a needle head")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-heads", default=None, help="only measure the KV kept by razor with these heads")
+    ap.add_argument("--budgets", default="0.1,0.25")
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.kv_heads:
+        rows = kv_kept(sh.load_model(args.model), args.kv_heads.split(","), [float(x) for x in args.budgets.split(",")])
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        return 0
     from seqtool.eval.runner import heldout_tokens
     from seqtool.patches.razor import find_retrieval_heads
 
