@@ -9,11 +9,18 @@ import sys
 from collections import defaultdict
 
 
+WINDOW_LABELS = True
+
+
 def protocol(tail: int) -> str:
-    return "tail 16 (question outside the window)" if tail else "tail 0 (official: question inside the window)"
+    if WINDOW_LABELS:  # SnapKV: where the question sits relative to the observation window
+        return "tail 16 (question outside the window)" if tail else "tail 0 (official: question inside the window)"
+    return "tail 16 (question decoded after the prefill)" if tail else "tail 0 (whole prompt prefilled, official)"
 
 
 def render(result: dict) -> str:
+    global WINDOW_LABELS
+    WINDOW_LABELS = "SnapKV" in result["official_repo"]
     out = [f"Official: `{result['official_repo']}` @ `{result['official_commit']}`, "
            f"`{result['official_function']}`.", ""]
     if result["passkey"]:
