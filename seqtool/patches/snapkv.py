@@ -27,12 +27,16 @@ from seqtool.patches.selection import Selection
 
 def window_scores(call: AttnCall, window: int, kernel: int, pool: str = "max") -> torch.Tensor:
     """``(b, Hkv, Tk)`` SnapKV key scores: attention mass from the last ``window`` queries, pooled over ``kernel``
-    keys (``pool``: ``max`` or ``avg``, the official code's default)."""
+    keys (``pool``: ``max`` or ``avg``, the official code's default). As the official code, only the keys before
+    the window are pooled, among themselves (the window is kept anyway; its mass must not spill onto the keys
+    next to it); the window's keys keep their raw mass."""
     w = min(window, call.tq)
     mass = attention_mass(call.q[:, :, -w:], call.k, call.scale, call.n_rep)
-    if kernel > 1:
+    n = call.tk - w
+    if kernel > 1 and n > 0:
         fn = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
-        mass = fn(mass, kernel, stride=1, padding=kernel // 2)[..., : call.tk]
+        pooled = fn(mass[..., :n], kernel, stride=1, padding=kernel // 2)[..., :n]
+        mass = torch.cat([pooled, mass[..., n:]], -1)
     return mass
 
 

@@ -113,3 +113,21 @@ def test_expected_attention_scores_by_explicit_rotations():
     probs = torch.softmax(logits[..., sinks:], -1).view(b, hkv, g, -1).mean(2) * v[:, :, sinks:].double().norm(dim=-1)
     torch.testing.assert_close(got[..., sinks:].double(), probs, atol=1e-6, rtol=1e-4)
     assert (got[..., :sinks] > got[..., sinks:].amax(-1, keepdim=True)).all()  # sinks are always kept
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_snapkv_pools_only_the_keys_before_the_window(pool):
+    """As the official SnapKVCluster: the window's own (large) mass does not spill onto the keys next to it."""
+    from seqtool.patches._evict import attention_mass
+    from seqtool.patches.snapkv import window_scores
+
+    t, w = 40, 8
+    q, k = _planted(t=t, hot=5)
+    k[0, :, t - w :, 0] = 30.0  # the window's queries attend the window's keys
+    call = AttnCall(q, k, k, 1.0, 0, torch.arange(1), 0, None)
+    got = window_scores(call, w, 5, pool)
+    mass = attention_mass(q[:, :, -w:], k, 1.0, 2)
+    fn = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
+    want = fn(mass[..., : t - w], 5, stride=1, padding=2)
+    torch.testing.assert_close(got[..., : t - w], want)
+    torch.testing.assert_close(got[..., t - w :], mass[..., t - w :])
