@@ -263,6 +263,7 @@ def compare_capture(official, cap: dict, budget: float, heads, scores: list[str]
                                                cap["inv_freq"].float())[0] for h in range(cap["n_heads"])])
         checks.append(float((ref - o_out[:, 0]).abs().max()))
         o_nr, o_ar = H.needle_recall(cap, layer, o_row), H.answer_recall(cap, layer, o_row)
+        ranks = needle_chunk_ranks(cap, layer, off.past[2][0][0], e["q_pre"][:, -1])
         per = {}
         for sc in scores:
             s_row = s_keep[sc][:, 0]
@@ -271,7 +272,8 @@ def compare_capture(official, cap: dict, budget: float, heads, scores: list[str]
         for h in range(cap["n_heads"]):
             row = {"layer": layer, "head": h, "needle_head": (layer, h) in heads,
                    "official": {"needle_recall": round(float(o_nr[h]), 3), "answer_recall": round(float(o_ar[h]), 3),
-                                "kept": int(o_row[h].sum())}}
+                                "kept": int(o_row[h].sum()), "needle_chunk_rank": ranks[0][h],
+                                "needle_chunk_rank_exact": ranks[1][h], "middle_chunks": ranks[2]}}
             for sc, (nr, ar, ov, kept) in per.items():
                 row[f"seqtool_{sc}"] = {"needle_recall": round(float(nr[h]), 3),
                                         "answer_recall": round(float(ar[h]), 3),
@@ -279,6 +281,28 @@ def compare_capture(official, cap: dict, budget: float, heads, scores: list[str]
             rows.append(row)
     return {"capture_depth": cap["depth"], "needle_pos": cap["needle_pos"], "budget": budget,
             "atten_length": length, "rows": rows, "reencode_check_max_abs": max(checks)}
+
+
+def needle_chunk_ranks(cap: dict, layer: int, chunk_keys: torch.Tensor, q_pre: torch.Tensor):
+    """Rank (1 = best) of the needle's chunk among the middle chunks ``1..g-2`` the official decode scores, per
+    head: by the official score (``q_pre · chunk key``, ``chunk_keys`` ``(H, g, D)`` from its cache) and by the
+    exact attention (the chunk's largest dense probability at the answer query). The needle's chunk = the chunk
+    holding most of the needle sentence's dense mass (per head)."""
+    g = chunk_keys.shape[1]
+    p = H.dense_probs(cap, layer)[:, 0]  # (H, T)
+    span = torch.zeros(p.shape[-1], dtype=torch.bool)
+    span[cap["needle_pos"]:cap["needle_pos"] + cap["needle_len"]] = True
+    per_chunk = (p * span).reshape(p.shape[0], -1, WINDOW).sum(-1)[:, :g]  # (H, g)
+    target = per_chunk.argmax(-1)
+    official = torch.einsum("hd,hgd->hg", q_pre.float(), chunk_keys.float())[:, 1:g - 1]
+    exact = p.reshape(p.shape[0], -1, WINDOW).amax(-1)[:, 1:g - 1]
+
+    def rank(sc):
+        t = (target - 1).clamp(0, g - 3)
+        mine = sc.gather(-1, t[:, None])
+        return [int(r) if 1 <= int(c) <= g - 2 else None for r, c in zip(((sc > mine).sum(-1) + 1), target)]
+
+    return rank(official), rank(exact), g - 2
 
 
 # ---- 2. passkey with the official selection / official attention ------------------------------------------------
@@ -395,6 +419,106 @@ def passkey_seqtool(loaded, samples, spec: str) -> list[bool]:
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
+def eval_summary(path: Path) -> dict:
+    """The parts of a ``seqtool eval --json`` output the report needs, with the command that reproduces it."""
+    r = json.loads(path.read_text())
+    task = ",".join(r["tasks"])
+    out = {"attn": r["attn"], "task": task, "scores": r["scores"], "ppl": r.get("ppl") or [],
+           "recall_answer": (r.get("recall") or [{}])[0].get("answer"), "seconds": r.get("seconds")}
+    depths = ",".join(f"{d:g}" for d in r["depths"])
+    attn = f" --attn {r['attn']}" if r["attn"] else ""
+    extra = f" --samples {r['samples']} --depths {depths} --recall" if task != "ppl" else " --ppl-tokens 8191"
+    out["command"] = f"python -m seqtool eval {r['model']} --task {task} --seq-len 2k{extra}{attn} --json"
+    return out
+
+
+def _eval_rows(evals: list[dict]) -> list[str]:
+    """One row per eval: passkey accuracy at the middle depths and at all depths, or the perplexity."""
+    out = []
+    for r in evals:
+        if r["task"] == "ppl":
+            out.append(f"| `{r['attn'] or 'dense'}` | ppl {r['ppl'][0]['ppl']:.2f} ({r['ppl'][0]['tokens']} tokens) "
+                       f"| | | `{r['command']}` |")
+            continue
+        sc = r["scores"]
+        mid = [s for s in sc if 0 < s["depth"] < 1]
+        acc = lambda rows: sum(s["accuracy"] * s["samples"] for s in rows) / max(1, sum(s["samples"] for s in rows))
+        rec = r["recall_answer"]
+        out.append(f"| `{r['attn']}` | passkey {acc(mid):.2f} ({sum(s['samples'] for s in mid)}) | {acc(sc):.2f} "
+                   f"({sum(s['samples'] for s in sc)}) | {'–' if rec is None else f'{rec:.3f}'} | `{r['command']}` |")
+    return out
+
+
+def report(result: dict) -> str:
+    """Markdown tables of ``result`` (and of the seqtool eval JSON files)."""
+    scores = result.get("scores", [])
+    lines = [f"Official code: {result['official_repo']} @ `{result['official_commit']}`, "
+             f"{result['official_code']}. Run under a CPU shim (flash_attn → torch softmax attention; projections → "
+             "slices of the captured q/k/v), see the script's docstring.", "",
+             "### Selection at the answer query (last prompt token, decoded after a 2032-token prefill)", "",
+             "NR = needle recall (share of the answer query's dense mass on the needle sentence that the keep set "
+             "keeps), AR = answer recall (share of all its dense mass), kept = keys, ov = |∩|/|∪| with the official "
+             "keep set. Needle heads: answer query puts ≥ 0.3 of its dense mass on the needle. Needle chunk rank: where the "
+             "chunk holding the needle ranks among the middle chunks the official decode scores (it keeps the top "
+             "atten_length/64 - 3), by the official score and by the exact attention (largest dense probability in "
+             "the chunk).", ""]
+    head = "| capture | budget (atten_length) | head | needle chunk rank: official score / exact | official NR / AR / kept |"
+    sep = "|---|---|---|---|---|"
+    for sc in scores:
+        head += f" seqtool score={sc} NR / AR / kept / ov |"
+        sep += "---|"
+    lines += [head, sep]
+    summary = {}
+    for c in result["captures"]:
+        for row in c["rows"]:
+            agg = summary.setdefault(c["budget"], {"n": 0, "off_ar": 0.0, **{f"{sc}_ar": 0.0 for sc in scores},
+                                                   "needle": 0, "off_kept": 0, **{f"{sc}_kept": 0 for sc in scores}})
+            agg["n"] += 1
+            agg["off_ar"] += row["official"]["answer_recall"]
+            for sc in scores:
+                agg[f"{sc}_ar"] += row[f"seqtool_{sc}"]["answer_recall"]
+            if not row["needle_head"]:
+                continue
+            agg["needle"] += 1
+            agg["off_kept"] += row["official"]["needle_recall"] >= 0.5
+            o = row["official"]
+            line = (f"| d{c['capture_depth']:.2f} | {c['budget']} ({c['atten_length']}) | {row['layer']}.{row['head']} "
+                    f"| {o.get('needle_chunk_rank')} / {o.get('needle_chunk_rank_exact')} of {o.get('middle_chunks')} "
+                    f"| {o['needle_recall']:.2f} / {o['answer_recall']:.2f} / {o['kept']} |")
+            for sc in scores:
+                sq = row[f"seqtool_{sc}"]
+                agg[f"{sc}_kept"] += sq["needle_recall"] >= 0.5
+                line += (f" {sq['needle_recall']:.2f} / {sq['answer_recall']:.2f} / {sq['kept']} / "
+                         f"{sq['overlap_with_official']:.2f} |")
+            lines.append(line)
+    lines += ["", "Over the 3 captures (every layer and head; needle heads with NR ≥ 0.5):", "",
+              "| budget | official: mean AR, needle heads kept |"
+              + "".join(f" seqtool score={sc}: mean AR, needle heads kept |" for sc in scores),
+              "|---|---|" + "---|" * len(scores)]
+    for b, a in summary.items():
+        lines.append(f"| {b} | {a['off_ar'] / a['n']:.3f}, {a['off_kept']}/{a['needle']} |"
+                     + "".join(f" {a[f'{sc}_ar'] / a['n']:.3f}, {a[f'{sc}_kept']}/{a['needle']} |" for sc in scores))
+    checks = [c["reencode_check_max_abs"] for c in result["captures"]]
+    if checks:
+        lines += ["", f"Recorded selection = what the official forward attended: its decode output equals softmax "
+                      f"attention over the recorded keys at packed positions, max |Δ| = {max(checks):.2g}."]
+    if result["passkey"]:
+        lines += ["", "### Passkey, ref at 2048 tokens (prefill, 16 prompt tokens decoded one by one, greedy answer)",
+                  "", "| budget | variant | accuracy | prompts | s |", "|---|---|---|---|---|"]
+        for r in result["passkey"]:
+            lines.append(f"| {r['budget']} | {r['variant']} | {r['accuracy']:.2f} | {len(r['hits'])} | "
+                         f"{r['seconds']} |")
+    if result.get("seqtool_eval"):
+        lines += ["", "### seqtool's `longheads` through `seqtool eval` (default `score=chunk` = after the fix; "
+                      "`score=absolute` = before)", "",
+                  "| attn | result, depths 0.25-0.75 (prompts) | all depths (prompts) | answer recall | command |",
+                  "|---|---|---|---|---|"] + _eval_rows(result["seqtool_eval"])
+    commands = [result.get("command")] + [r.get("command") for r in result["passkey"]]
+    lines += ["", "Commands (compare.py; x86_64 CPU, 1 thread, shared machine):", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(c for c in commands if c)]
+    return "\n".join(lines) + "\n"
+
+
 def _commit(path: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -408,17 +532,31 @@ def main(argv=None) -> int:
     ap.add_argument("--official", type=Path, required=True, help="checkout of LuLuLuyi/LongHeads")
     ap.add_argument("--official-commit", default=None, help="recorded in the results (archive checkouts lack .git)")
     ap.add_argument("--deps", type=Path, default=None, help="folder with einops (pip install --target)")
-    ap.add_argument("--caps", type=Path, nargs="+", required=True)
+    ap.add_argument("--caps", type=Path, nargs="*", default=[])
     ap.add_argument("--budgets", default="0.5,0.25")
     ap.add_argument("--model", default="ref")
     ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
     ap.add_argument("--depths", default="0.25,0.5,0.75")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scores", default="chunk,absolute", help="seqtool longheads score= variants to compare")
-    ap.add_argument("--skip-captures", action="store_true")
-    ap.add_argument("--out", type=Path, required=True, help="writes OUT.json")
+    ap.add_argument("--variants", default="masked,official,seqtool",
+                    help="passkey variants: masked (official selection, masked dense), official (official attention), "
+                         "seqtool")
+    ap.add_argument("--append", action="store_true",
+                    help="keep OUT.json's captures and passkey rows, skip the captures, append passkey rows")
+    ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json (+ --eval-json)")
+    ap.add_argument("--eval-json", type=Path, nargs="*", default=[], help="seqtool eval --json outputs for OUT.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out_json = args.out.with_suffix(".json")
+    if args.report_only:
+        result = json.loads(out_json.read_text())
+        if args.eval_json:
+            result["seqtool_eval"] = [eval_summary(p) for p in args.eval_json]
+            out_json.write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(report(result))
+        return 0
     if args.deps:
         sys.path.insert(0, str(args.deps))
     official = load_official(args.official)
@@ -427,15 +565,21 @@ def main(argv=None) -> int:
               "official_commit": args.official_commit or _commit(args.official),
               "official_code": "modeling_longheads/modeling_llama.py LlamaAttention.forward (prefill selective "
                                "path and decode path), selection read from its sorted_atten_chunks",
-              "window_size": WINDOW, "tail": TAIL, "captures": [], "passkey": []}
-    out_json = args.out.with_suffix(".json")
+              "window_size": WINDOW, "tail": TAIL, "scores": args.scores.split(","), "captures": [], "passkey": [],
+              "command": " ".join(sys.argv), "seqtool_eval": [eval_summary(p) for p in args.eval_json]}
 
     def save():
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(report(result))
 
     scores = args.scores.split(",")
-    for path in [] if args.skip_captures else args.caps:
+    if args.append:
+        kept = json.loads(out_json.read_text())
+        result["captures"], result["passkey"] = kept["captures"], kept["passkey"]
+        result["command"] = kept["command"]
+        result["seqtool_eval"] = result["seqtool_eval"] or kept.get("seqtool_eval", [])
+    for path in [] if args.append else args.caps:
         cap = H.load_capture(path)
         heads = {(lay, h) for lay, h, _ in H.needle_heads(cap)}
         for b in budgets:
@@ -453,9 +597,11 @@ def main(argv=None) -> int:
         depths = [float(d) for d in args.depths.split(",")]
         samples = H.passkey_samples(loaded, 2048, depths, args.samples)
         for b in budgets:
-            variants = [("official selection (masked dense)", passkey_official_selection),
-                        ("official attention (re-encoded)", passkey_official_attention)]
-            variants += [(f"seqtool longheads:budget={b},min_len=0,trained_len=2048,score={sc}", None) for sc in scores]
+            chosen = args.variants.split(",")
+            variants = [("official selection (masked dense)", passkey_official_selection)] * ("masked" in chosen)
+            variants += [("official attention (re-encoded)", passkey_official_attention)] * ("official" in chosen)
+            variants += [(f"seqtool longheads:budget={b},min_len=0,trained_len=2048,score={sc}", None)
+                         for sc in scores if "seqtool" in chosen]
             for name, fn in variants:
                 t0 = time.time()
                 if fn is None:
@@ -463,7 +609,7 @@ def main(argv=None) -> int:
                 else:
                     hits = fn(loaded, samples, OfficialRunner(official, loaded, b, 2048))
                 row = {"budget": b, "variant": name, "accuracy": sum(hits) / len(hits), "hits": hits,
-                       "seconds": round(time.time() - t0)}
+                       "seconds": round(time.time() - t0), "command": " ".join(sys.argv)}
                 result["passkey"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
