@@ -455,6 +455,13 @@ def report(result: dict) -> str:
     lines = [f"Official code: {result['official_repo']} @ `{result['official_commit']}`, "
              f"{result['official_code']}. Run under a CPU shim (flash_attn → torch softmax attention; projections → "
              "slices of the captured q/k/v), see the script's docstring.", "",
+             "Parameters matched at 2048 tokens: official `window_size` = seqtool `block_size` = 64; `atten_length` = "
+             "budget × 2048 (0.5 → 1024 = 16 chunks, 0.25 → 512 = 8 chunks: first + previous + own + 13 / 5 by "
+             "score; its decode keeps first + n-3 by score + last full chunk + the open chunk); "
+             "`begin_selective_length` = `atten_length`. seqtool: `longheads:budget=B,min_len=0,trained_len=2048` "
+             "(first + 2 local chunks + the budget rounded up to chunks; one more chunk than the official decode when "
+             "the query ends a chunk). Captures: `python benchmarks/peers/selection_harness.py capture --model ref "
+             "--seq-len 2048 --depths 0.25,0.5,0.75 -o /tmp/caps` (dense q/k/v of ref, seed 0).", "",
              "### Selection at the answer query (last prompt token, decoded after a 2032-token prefill)", "",
              "NR = needle recall (share of the answer query's dense mass on the needle sentence that the keep set "
              "keeps), AR = answer recall (share of all its dense mass), kept = keys, ov = |∩|/|∪| with the official "
