@@ -7,6 +7,13 @@ chunk (LongHeads' chunk representation; the cache layer keeps chunk keys and the
 :mod:`seqtool.patches._units`). Each query head scores the middle chunks by ``sum(q over the query block) · chunk
 key`` and keeps the best, always with the first chunk and the ``local_blocks`` chunks ending at the query block.
 
+Scoring frame (``score``): ``chunk`` (default, as the official code): the chunk's keys sit at chunk-local
+positions ``0..block_size-1`` when the summary weighs them and in the chunk key, and the query is scored before
+RoPE (so a chunk's score does not depend on its distance to the query); ``absolute``: keys and queries at their
+original positions (this module before the comparison with the official code, issue 17). Needs the model's RoPE
+frequencies (``prepare``); without them (a model without RoPE, bare tensors) ``chunk`` scores as ``absolute``.
+Prefill sums the query block's queries (the official code scores each query alone); decode scores each query.
+
 Budget → units: the budget (key positions per query, resolved at each query block's last query) is rounded up to
 whole chunks, first + local chunks included; ``trained_len`` (0 = off) caps the kept positions per query so each
 head attends at most the model's trained length.
@@ -31,6 +38,7 @@ import torch
 from torch import nn
 
 from seqtool.errors import BadInputError, UnsupportedModelError
+from seqtool.kernels._common import rope_rotate
 from seqtool.patches._blocks import assemble, plan_blocks, query_blocks, topk_middle
 from seqtool.patches._units import unit_reps
 from seqtool.patches.base import AttentionMethod, AttnCall
@@ -39,12 +47,20 @@ from seqtool.patches.registry import register_method
 from seqtool.patches.selection import BlockSelection, Selection
 
 
-def chunk_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def chunk_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, first: int = 0,
+               inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """``q`` ``(b, Hkv, g, n, U, D)``, ``k``/``v`` ``(b, Hkv, n, U, D)`` → chunk keys ``(b, Hkv, n, D)``.
 
-    Within-chunk attention costs ``U^2`` per chunk (linear in the sequence length)."""
+    With ``inv_freq`` (RoPE frequencies) the keys of chunk ``first + i`` are moved to chunk-local positions
+    ``0..U-1`` before the summary weighs them (the official code's frame); the within-chunk attention is
+    unchanged by it (rotations cancel). Within-chunk attention costs ``U^2`` per chunk (linear in the sequence
+    length)."""
     probs = torch.softmax(torch.einsum("bhgnud,bhnwd->bhgnuw", q, k) * scale, -1)
     summary = torch.einsum("bhgnuw,bhnwd->bhnd", probs, v) / (q.shape[2] * q.shape[4])
+    if inv_freq is not None:
+        n, u = k.shape[2], k.shape[3]
+        shift = -(first + torch.arange(n, device=k.device)) * u
+        k = rope_rotate(k, shift[:, None].expand(k.shape[:-1]), inv_freq)
     weights = torch.softmax(torch.einsum("bhnd,bhnwd->bhnw", summary, k) * scale, -1)
     return torch.einsum("bhnw,bhnwd->bhnd", weights, k)
 
@@ -77,23 +93,25 @@ class LongHeadsMethod(AttentionMethod):
     local_blocks: int = 2
     trained_len: int = 0
     reencode: bool = True
+    score: str = "chunk"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.sink_blocks < 0 or self.local_blocks < 1 or self.trained_len < 0:
             raise BadInputError("longheads needs block_size >= 1, sink_blocks >= 0, local_blocks >= 1, "
                                 "trained_len >= 0")
+        if self.score not in ("chunk", "absolute"):
+            raise BadInputError(f"longheads score must be chunk or absolute, got {self.score!r}")
 
     def prepare(self, model: nn.Module) -> None:
         """Find the model's rotary module (its ``inv_freq`` is read at each call: dynamic RoPE may change it)."""
         self._rotary = None
-        if not self.reencode:
-            return
         for module in model.modules():
             if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
                 self._rotary = module
                 return
-        raise UnsupportedModelError("longheads re-encodes RoPE positions but this model has no rotary embedding; "
-                                    "pass reencode=false")
+        if self.reencode:
+            raise UnsupportedModelError("longheads re-encodes RoPE positions but this model has no rotary "
+                                        "embedding; pass reencode=false")
 
     def _inv_freq(self) -> torch.Tensor | None:
         rotary = getattr(self, "_rotary", None)
@@ -102,18 +120,28 @@ class LongHeadsMethod(AttentionMethod):
     def _select(self, call: AttnCall, bq: int) -> BlockSelection:
         b, hq, tq, d = call.q.shape
         hkv = call.k.shape[1]
-        keys = unit_reps(call, self.block_size, chunk_keys, self.name)  # (b, Hkv, nu, D)
-        plan = plan_blocks(tq, call.tk, bq, self.block_size, self.budget_rule, self.sink_blocks, self.local_blocks,
+        inv_freq = self._inv_freq()
+        local = inv_freq.to(call.q.device) if self.score == "chunk" and inv_freq is not None else None
+        u = self.block_size
+
+        def reps(q, k, v, scale):  # the new chunks are the last k.shape[2] finished ones
+            return chunk_keys(q, k, v, scale, call.tk // u - k.shape[2], local)
+
+        keys = unit_reps(call, u, reps, f"{self.name}:{self.score if local is not None else 'absolute'}")
+        plan = plan_blocks(tq, call.tk, bq, u, self.budget_rule, self.sink_blocks, self.local_blocks,
                            call.q.device, max_tokens=self.trained_len or None)
-        qb, _ = query_blocks(call.q.float(), bq)
+        q = call.q.float()
+        if local is not None:  # the official code scores with the query before RoPE
+            pos = torch.arange(call.tk - tq, call.tk, device=q.device)
+            q = rope_rotate(q, -pos.expand(q.shape[:-1]), local)
+        qb, _ = query_blocks(q, bq)
         qsum = qb.sum(3).reshape(b, hkv, hq // hkv, plan.nq, d)
         sc = torch.einsum("bhgqd,bhud->bhgqu", qsum, keys).reshape(b, hq, plan.nq, -1)
         missing = plan.nk - sc.shape[-1]
         if missing:
             sc = torch.nn.functional.pad(sc, (0, missing), value=float("-inf"))
         index, count = assemble(plan, topk_middle(plan, sc))
-        inv_freq = self._inv_freq() if self.reencode else None
-        if inv_freq is None:
+        if not self.reencode or inv_freq is None:
             return BlockSelection(index, count, bq, self.block_size, tq, call.tk)
         return BlockSelection(index, count, bq, self.block_size, tq, call.tk,
                               block_shift=packed_shift(index, count, self.block_size),

@@ -85,3 +85,57 @@ def test_reencode_needs_rope():
     with pytest.raises(UnsupportedModelError, match="reencode=false"):
         LongHeadsMethod(budget=0.5).prepare(torch.nn.Linear(2, 2))
     LongHeadsMethod(budget=0.5, reencode=False).prepare(torch.nn.Linear(2, 2))
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Plain rotate-half RoPE of ``x`` (..., T, D) at positions ``pos`` (T,)."""
+    ang = pos.double()[:, None] * inv_freq.double()[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def test_decode_scores_chunks_as_the_official_code():
+    """Official LongHeads frame (issue 17): chunk keys from keys at chunk-local positions, scored with the query
+    before RoPE. Brute force per head on a decode step; the old absolute-position scoring picks other chunks."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(3)
+    h, d, u, t = 6, 8, 4, 40
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    q_pre, k_pre, v = torch.randn(1, h, t, d), torch.randn(1, h, t, d), torch.randn(1, h, t, d)
+    q, k = _rope(q_pre, torch.arange(t), inv_freq), _rope(k_pre, torch.arange(t), inv_freq)
+    rotary = torch.nn.Module()
+    rotary.register_buffer("inv_freq", inv_freq)
+    scale = d ** -0.5
+    chosen = {}
+    for score in ("chunk", "absolute"):
+        method = LongHeadsMethod(budget=4 * u, min_len=0, block_size=u, score=score)
+        method.prepare(rotary)
+        cache = SimpleNamespace(state={})
+        method.select(AttnCall(q[:, :, : t - 1], k[:, :, : t - 1], v[:, :, : t - 1], scale, 0, torch.arange(1), 0,
+                               cache))
+        sel = method.select_decode(AttnCall(q[:, :, t - 1:], k, v, scale, 0, torch.arange(1), 0, cache))
+        chosen[score] = [set(sel.block_mask()[0, i, 0].nonzero().flatten().tolist()) for i in range(h)]
+    local = torch.arange(u)
+    expected = []
+    for i in range(h):
+        keys = []
+        for c in range(t // u):
+            kl, ql = _rope(k_pre[0, i, c * u:(c + 1) * u], local, inv_freq), _rope(q_pre[0, i, c * u:(c + 1) * u],
+                                                                                   local, inv_freq)
+            summary = (torch.softmax(ql @ kl.T * scale, -1) @ v[0, i, c * u:(c + 1) * u]).mean(0)
+            keys.append(torch.softmax(kl @ summary * scale, -1) @ kl)
+        scores = torch.stack(keys)[1: t // u - 2] @ q_pre[0, i, -1]  # middle chunks 1..7
+        expected.append({0, int(scores.argmax()) + 1, t // u - 2, t // u - 1})
+    assert chosen["chunk"] == expected
+    assert chosen["absolute"] != expected
+
+
+def test_score_option_is_checked():
+    import pytest
+
+    from seqtool.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="chunk or absolute"):
+        LongHeadsMethod(budget=0.5, score="relative")
