@@ -1,0 +1,200 @@
+"""seqtool's ``hip`` against HiP's official selection on the same inputs (issue 17).
+
+Official side: ``hip_attention`` of DeepAuto-AI/hip-attention ``src/hip_attn/v1_0/attention1_block_gpu.py`` (the
+paper's hierarchical top-k mask estimation, Triton), imported from ``--official`` and run under the Triton
+interpreter (see ``official.py`` for the shims). Its defaults are kept: ``block_size_q=32``, ``block_size_k=2``,
+``reduce_stride=2``, ``scale_up=2`` (``w_start = 2 mask_k``, ``n_patches = mask_k / 2``), 128-key sliding window,
+``num_sink = 32 / block_size_k`` (32 sink tokens), the 2x lower-resolution estimator, the decode-time grid stride,
+and its prompt rule (a prompt shorter than ``dense_queries_exp`` runs densely); ``sampling_method="first"`` and
+``enable_sparq=False`` as the repository's own ``HIP_LEGACY`` model path passes them.
+
+Budget: seqtool's ``hip`` keeps ``budget * T`` key positions at the answer query (one 64-token sink block, the
+64-token block holding the query, the rest as 1-token leaves of the tree). The official kernel attends 32 sinks +
+the 128-key window + ``mask_k`` tree keys, so by its own count ``mask_k = budget * T - 160`` (352 / 864 at 2048
+tokens, budgets 0.25 / 0.5). The official tree returns fewer distinct keys than ``mask_k`` (collisions of the
+lower-resolution estimator, blocks inside the window or the sinks), so ``--mask-k`` lets you raise it until the
+measured kept count matches; both the nominal and the measured counts are reported.
+
+    TRITON_INTERPRET=1 python benchmarks/peers/hip/compare.py recall --official /tmp/hip-official \\
+        --caps /tmp/caps --budgets 0.5,0.25 -o /tmp/hip-recall.json
+    TRITON_INTERPRET=1 python benchmarks/peers/hip/compare.py passkey --official /tmp/hip-official \\
+        --budget 0.25 --samples 1 -o /tmp/hip-passkey-0.25.json
+
+``recall``: per capture, budget, layer and head at the answer query (the last prompt token, a decode call in both
+codes): needle recall, answer recall (selection_harness), kept keys, and the kept-set overlap (IoU) of the two
+selections. ``passkey``: passkey accuracy with each selection plugged into every layer (``passkey_with_selector``:
+prefill, the last 16 prompt tokens one by one, greedy answer); prompts of > 16 queries run densely in both
+(the official prompt rule at 2048 tokens), so the two differ only in the decode-time selection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # selection_harness
+sys.path.insert(0, str(HERE))  # official
+
+import official  # noqa: E402
+import selection_harness as H  # noqa: E402
+
+SINKS_PLUS_WINDOW = 32 + 128
+
+
+def nominal_mask_k(budget: float, seq_len: int) -> int:
+    return int(round(budget * seq_len)) - SINKS_PLUS_WINDOW
+
+
+def seqtool_keep(method, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """bool ``(Hq, Tq, Tk)``: seqtool ``hip``'s keys for queries ``q`` ``(Hq, Tq, D)`` (post-RoPE) over ``k``."""
+    from seqtool.patches.base import AttnCall
+
+    call = AttnCall(q=q[None], k=k[None], v=k[None], scale=scale, layer_idx=layer, rows=torch.arange(1),
+                    key_offset=0)
+    sel = method.select_decode(call) if call.is_decode else method.select(call)
+    return sel.mask()[0]
+
+
+def official_keep(q: torch.Tensor, k: torch.Tensor, scale: float, mask_k: int, **kw) -> torch.Tensor | None:
+    """bool ``(Hq, Tq, Tk)`` from the official code, or None where it runs the call densely."""
+    r = official.official_select(q * scale, k, k, mask_k, dense_queries_exp=kw.pop("dense_queries_exp", None), **kw)
+    if r is None:
+        return None
+    indices, ks, params = r
+    return official.keep_mask(indices, ks, q.shape[1], k.shape[1], params)
+
+
+def make_method(budget: float):
+    from seqtool.patches.hip import HipMethod
+
+    return HipMethod(budget=budget, min_len=0)
+
+
+def cmd_recall(args) -> dict:
+    caps = sorted(Path(args.caps).glob("passkey-*.pt"))
+    rows = []
+    for path in caps:
+        cap = H.load_capture(path)
+        heads = {(l, h): m for l, h, m in H.needle_heads(cap)}
+        for budget in args.budgets:
+            mk = args.mask_k.get(budget) or nominal_mask_k(budget, cap["seq_len"])
+            method = make_method(budget)
+            for layer in sorted(cap["layers"]):
+                e = cap["layers"][layer]
+                q, k = e["q"][:, -1:], e["k"]
+                t0 = time.time()
+                off = official_keep(q, k, cap["scale"], mk)[:, 0]
+                dt = time.time() - t0
+                ours = seqtool_keep(method, layer, q, k, cap["scale"])[:, 0]
+                res = {"official": (H.needle_recall(cap, layer, off), H.answer_recall(cap, layer, off), off.sum(-1)),
+                       "seqtool": (H.needle_recall(cap, layer, ours), H.answer_recall(cap, layer, ours),
+                                   ours.sum(-1))}
+                iou = H.kept_overlap(off, ours)
+                for h in range(q.shape[0]):
+                    row = {"capture": path.name, "depth": round(cap["depth"], 3), "budget": budget, "mask_k": mk,
+                           "layer": layer, "head": h, "needle_head": (layer, h) in heads,
+                           "needle_mass": heads.get((layer, h)), "overlap": round(float(iou[h]), 4)}
+                    for side, (nr, ar, kept) in res.items():
+                        row[f"{side}_needle"] = round(float(nr[h]), 4)
+                        row[f"{side}_answer"] = round(float(ar[h]), 4)
+                        row[f"{side}_kept"] = int(kept[h])
+                    rows.append(row)
+                print(f"{path.name} b={budget} mask_k={mk} L{layer} official {dt:.0f}s "
+                      f"needle off/ours {res['official'][0].mean():.3f}/{res['seqtool'][0].mean():.3f} "
+                      f"kept {res['official'][2].float().mean():.0f}/{res['seqtool'][2].float().mean():.0f}",
+                      flush=True)
+    return {"rows": rows}
+
+
+def cmd_passkey(args) -> dict:
+    loaded = H.load_model("ref")
+    samples = H.passkey_samples(loaded, args.seq_len, args.depths, args.samples, args.seed)
+    budget = args.budget
+    mk = args.mask_k.get(budget) or nominal_mask_k(budget, args.seq_len)
+    method = make_method(budget)
+    scale = loaded.model.config.head_dim ** -0.5 if getattr(loaded.model.config, "head_dim", None) else None
+    stats = {"official_calls": 0, "official_dense_calls": 0, "official_s": 0.0}
+
+    def official_sel(layer, q, k):
+        s = scale or q.shape[-1] ** -0.5
+        t0 = time.time()
+        keep = official_keep(q[0], k[0], s, mk)
+        stats["official_s"] += time.time() - t0
+        stats["official_calls"] += 1
+        if keep is None:
+            stats["official_dense_calls"] += 1
+            return None
+        return keep[None]
+
+    def seqtool_sel(layer, q, k):
+        if q.shape[2] > 32:  # same prompt rule as the official run (dense at 2048 tokens)
+            return None
+        return seqtool_keep(method, layer, q[0], k[0], scale or q.shape[-1] ** -0.5)[None]
+
+    out = {"budget": budget, "mask_k": mk, "samples": [
+        {"depth": round(s.depth, 3), "answer": s.answer} for s in samples]}
+    for name, sel in (("seqtool", seqtool_sel), ("official", official_sel))[:: -1 if args.official_first else 1]:
+        if name in args.skip:
+            continue
+        t0 = time.time()
+        hits = H.passkey_with_selector(loaded, samples, sel, tail=args.tail)
+        out[name] = {"hits": hits, "accuracy": sum(hits) / len(hits), "seconds": round(time.time() - t0)}
+        print(name, out[name], flush=True)
+    out["official_stats"] = stats
+    return out
+
+
+def _budgets(s: str) -> list[float]:
+    return [float(x) for x in s.split(",")]
+
+
+def _mask_ks(s: str) -> dict:
+    return {float(a): int(b) for a, b in (p.split("=") for p in s.split(","))} if s else {}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("recall", "passkey"):
+        p = sub.add_parser(name)
+        p.add_argument("--official", required=True, help="hip-attention checkout root (holds src/hip_attn)")
+        p.add_argument("--mask-k", type=_mask_ks, default={}, help="budget=mask_k,... (default: budget*T - 160)")
+        p.add_argument("-o", "--out", type=Path, required=True)
+    r = sub.choices["recall"]
+    r.add_argument("--caps", required=True, help="folder of selection_harness captures")
+    r.add_argument("--budgets", type=_budgets, default=[0.5, 0.25])
+    p = sub.choices["passkey"]
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--depths", type=_budgets, default=[0.25, 0.5, 0.75])
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tail", type=int, default=16)
+    p.add_argument("--skip", default="", help="seqtool and/or official: sides not to run")
+    p.add_argument("--official-first", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    official.load(args.official)
+    t0 = time.time()
+    out = cmd_recall(args) if args.cmd == "recall" else cmd_passkey(args)
+    commit = _commit(args.official)
+    out.update({"official_repo": "DeepAuto-AI/hip-attention", "official_commit": commit,
+                "official_function": "hip_attn.v1_0.attention1_block_gpu.hip_attention (TRITON_INTERPRET=1)",
+                "seconds": round(time.time() - t0), "argv": sys.argv[1:]})
+    args.out.write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+    return 0
+
+
+def _commit(path: str) -> str | None:
+    f = Path(path) / "COMMIT"
+    return f.read_text().strip() if f.exists() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
