@@ -149,6 +149,65 @@ def cmd_passkey(args) -> dict:
     return out
 
 
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def cmd_report(args) -> str:
+    """Markdown tables from the JSON files of ``recall`` and ``passkey`` runs."""
+    lines = []
+    for path in args.recall:
+        d = json.loads(Path(path).read_text())
+        rows = d["rows"]
+        lines += [f"### Answer-query selection (`{path.name}`: {' '.join(d['argv'])})", "",
+                  "| capture (depth) | budget | official mask_k | head | needle mass | needle recall official / "
+                  "seqtool | answer recall official / seqtool | kept official / seqtool | overlap (IoU) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["needle_head"]:
+                lines.append(f"| {r['depth']} | {r['budget']} | {r['mask_k']} | {r['layer']}.{r['head']} | "
+                             f"{r['needle_mass']} | {r['official_needle']:.3f} / {r['seqtool_needle']:.3f} | "
+                             f"{r['official_answer']:.3f} / {r['seqtool_answer']:.3f} | {r['official_kept']} / "
+                             f"{r['seqtool_kept']} | {r['overlap']:.3f} |")
+        lines += ["", "| budget | official mask_k | heads | needle recall official / seqtool | answer recall official"
+                  " / seqtool | worst answer recall official / seqtool | kept official / seqtool | overlap |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in sorted({r["budget"] for r in rows}, reverse=True):
+            for label, sel in (("needle heads", lambda r: r["needle_head"]), ("all heads", lambda r: True)):
+                rs = [r for r in rows if r["budget"] == b and sel(r)]
+                if not rs:
+                    continue
+                nr = [r for r in rs if r["needle_mass"] or label == "needle heads"]
+                lines.append(
+                    f"| {b} | {rs[0]['mask_k']} | {label} ({len(rs)}) | "
+                    f"{_mean(r['official_needle'] for r in nr):.3f} / {_mean(r['seqtool_needle'] for r in nr):.3f} | "
+                    f"{_mean(r['official_answer'] for r in rs):.3f} / {_mean(r['seqtool_answer'] for r in rs):.3f} | "
+                    f"{min(r['official_answer'] for r in rs):.3f} / {min(r['seqtool_answer'] for r in rs):.3f} | "
+                    f"{_mean(r['official_kept'] for r in rs):.0f} / {_mean(r['seqtool_kept'] for r in rs):.0f} | "
+                    f"{_mean(r['overlap'] for r in rs):.3f} |")
+        lines.append("")
+    if args.passkey:
+        lines += ["### Passkey with the selection plugged into every layer", "",
+                  "| budget | official mask_k | prompts | official | seqtool (same protocol) | tail | time official |",
+                  "|---|---|---|---|---|---|---|"]
+        for path in args.passkey:
+            d = json.loads(Path(path).read_text())
+            tail = d["argv"][d["argv"].index("--tail") + 1] if "--tail" in d["argv"] else "16"
+
+            def acc(side):
+                return f"{d[side]['accuracy']:.2f} ({sum(d[side]['hits'])}/{len(d[side]['hits'])})" \
+                    if side in d else "–"
+            lines.append(f"| {d['budget']} | {d['mask_k']} | {len(d['samples'])} | {acc('official')} | "
+                         f"{acc('seqtool')} | {tail} | {d.get('official', {}).get('seconds', '–')} s |")
+        lines.append("")
+    text = "\n".join(lines)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return text
+
+
 def _budgets(s: str) -> list[float]:
     return [float(x) for x in s.split(",")]
 
@@ -177,7 +236,14 @@ def main(argv=None) -> int:
     p.add_argument("--tail", type=int, default=16)
     p.add_argument("--skip", default="", help="seqtool and/or official: sides not to run")
     p.add_argument("--official-first", action="store_true")
+    rp = sub.add_parser("report", help="markdown tables from recall / passkey JSON files")
+    rp.add_argument("--recall", type=Path, nargs="*", default=[])
+    rp.add_argument("--passkey", type=Path, nargs="*", default=[])
+    rp.add_argument("-o", "--out", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        cmd_report(args)
+        return 0
     torch.set_num_threads(1)
     official.load(args.official)
     t0 = time.time()
