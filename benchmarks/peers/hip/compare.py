@@ -138,13 +138,19 @@ def cmd_passkey(args) -> dict:
 
     out = {"budget": budget, "mask_k": mk, "samples": [
         {"depth": round(s.depth, 3), "answer": s.answer} for s in samples]}
+    heads = [tuple(int(x) for x in h.split(".")) for h in args.trace.split(",")] if args.trace else []
     for name, sel in (("seqtool", seqtool_sel), ("official", official_sel))[:: -1 if args.official_first else 1]:
         if name in args.skip:
             continue
         t0 = time.time()
-        hits = H.passkey_with_selector(loaded, samples, sel, tail=args.tail)
+        hits, trace = [], []
+        for s in samples:
+            span = (s.needle_pos, s.needle_pos + H._needle_len(loaded.tokenizer, s))
+            hits += H.passkey_with_selector(loaded, [s], _traced(sel, heads, span, trace, s.depth), tail=args.tail)
         out[name] = {"hits": hits, "accuracy": sum(hits) / len(hits), "seconds": round(time.time() - t0)}
-        print(name, out[name], flush=True)
+        if heads:
+            out[name]["trace"] = trace
+        print(name, {k: v for k, v in out[name].items() if k != "trace"}, flush=True)
     out["official_stats"] = stats
     return out
 
@@ -178,10 +184,10 @@ def cmd_report(args) -> str:
                 rs = [r for r in rows if r["budget"] == b and sel(r)]
                 if not rs:
                     continue
-                nr = [r for r in rs if r["needle_mass"] or label == "needle heads"]
+                needle = (f"{_mean(r['official_needle'] for r in rs):.3f} / {_mean(r['seqtool_needle'] for r in rs):.3f}"
+                          if label == "needle heads" else "–")
                 lines.append(
-                    f"| {b} | {rs[0]['mask_k']} | {label} ({len(rs)}) | "
-                    f"{_mean(r['official_needle'] for r in nr):.3f} / {_mean(r['seqtool_needle'] for r in nr):.3f} | "
+                    f"| {b} | {rs[0]['mask_k']} | {label} ({len(rs)}) | {needle} | "
                     f"{_mean(r['official_answer'] for r in rs):.3f} / {_mean(r['seqtool_answer'] for r in rs):.3f} | "
                     f"{min(r['official_answer'] for r in rs):.3f} / {min(r['seqtool_answer'] for r in rs):.3f} | "
                     f"{_mean(r['official_kept'] for r in rs):.0f} / {_mean(r['seqtool_kept'] for r in rs):.0f} | "
@@ -206,6 +212,31 @@ def cmd_report(args) -> str:
         args.out.write_text(text)
     print(text)
     return text
+
+
+def _traced(sel, heads, span, trace, depth):
+    """``sel`` that also records, per decode call and traced head, the query's dense mass on the needle and the
+    share of it the selection keeps (the masses are of this run's own q/k, after the earlier layers' selections)."""
+    if not heads:
+        return sel
+
+    def run(layer, q, k):
+        keep = sel(layer, q, k)
+        if q.shape[2] > 32:
+            return keep
+        g = q.shape[1] // k.shape[1]
+        p = torch.softmax((q[0, :, -1:] @ k[0].repeat_interleave(g, 0).transpose(-1, -2)).float()
+                          * q.shape[-1] ** -0.5, -1)[:, 0]
+        for lh, h in heads:
+            if lh == layer:
+                part = p[h, span[0]:span[1]]
+                kept = part if keep is None else part * keep[0, h, -1, span[0]:span[1]]
+                trace.append({"depth": round(depth, 3), "layer": layer, "head": h, "pos": k.shape[2] - 1,
+                              "mass": round(float(part.sum()), 3),
+                              "kept": round(float(kept.sum() / part.sum().clamp_min(1e-12)), 3)})
+        return keep
+
+    return run
 
 
 def _budgets(s: str) -> list[float]:
@@ -235,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tail", type=int, default=16)
     p.add_argument("--skip", default="", help="seqtool and/or official: sides not to run")
+    p.add_argument("--trace", default="", help="layer.head,...: record needle mass / kept share per decode call")
     p.add_argument("--official-first", action="store_true")
     rp = sub.add_parser("report", help="markdown tables from recall / passkey JSON files")
     rp.add_argument("--recall", type=Path, nargs="*", default=[])
