@@ -18,13 +18,15 @@ measured kept count matches; both the nominal and the measured counts are report
     TRITON_INTERPRET=1 python benchmarks/peers/hip/compare.py recall --official /tmp/hip-official \\
         --caps /tmp/caps --budgets 0.5,0.25 -o /tmp/hip-recall.json
     TRITON_INTERPRET=1 python benchmarks/peers/hip/compare.py passkey --official /tmp/hip-official \\
-        --budget 0.25 --samples 1 -o /tmp/hip-passkey-0.25.json
+        --budget 0.25 --tail 1 --trace 1.7,2.3,2.4,3.3 -o /tmp/hip-passkey-0.25.json
+    python benchmarks/peers/hip/compare.py report --recall /tmp/hip-recall.json --passkey /tmp/hip-passkey-0.25.json
 
 ``recall``: per capture, budget, layer and head at the answer query (the last prompt token, a decode call in both
 codes): needle recall, answer recall (selection_harness), kept keys, and the kept-set overlap (IoU) of the two
 selections. ``passkey``: passkey accuracy with each selection plugged into every layer (``passkey_with_selector``:
-prefill, the last 16 prompt tokens one by one, greedy answer); prompts of > 16 queries run densely in both
-(the official prompt rule at 2048 tokens), so the two differ only in the decode-time selection.
+prefill, the last ``--tail`` prompt tokens one by one, greedy answer); calls of more than 32 queries (the prefill)
+run densely in both (the official prompt rule decides it for the official side: dense at 2048 tokens), so the two
+differ only in the decode-time selection. The official selection costs ~7 CPU-s per layer and decode call.
 """
 from __future__ import annotations
 
