@@ -187,20 +187,26 @@ class _selection_attention:
         AttentionMaskInterface._global_mapping.pop(ATTN_NAME, None)
 
 
-def passkey_with_selector(loaded, samples, selector: Selector | None, tail: int = 16) -> list[bool]:
-    """Answer each sample (one at a time: prefill, ``tail`` prompt tokens one by one, greedy answer) with every
-    layer's attention restricted to ``selector``'s keys; exact-match hits."""
+def answer_passkeys(loaded, samples, tail: int = 16) -> list[bool]:
+    """Answer each sample with the model as it is now (whatever attention is active): prefill, ``tail`` prompt
+    tokens one by one, greedy answer; exact-match hits."""
     from seqtool.eval.generate import greedy_generate
     from seqtool.eval.scoring import exact_match, stop_token_ids
 
     tok = loaded.tokenizer
     hits = []
-    with _selection_attention(loaded.model, selector), torch.no_grad():
+    with torch.no_grad():
         for s in samples:
             gen = greedy_generate(loaded.model, [s.input_ids], len(s.answer_ids) + 4, pad_id=tok.pad_token_id or 0,
                                   stop_ids=stop_token_ids(tok), tail=tail)
             hits.append(bool(exact_match(tok.decode(gen[0], skip_special_tokens=True), s.answer)))
     return hits
+
+
+def passkey_with_selector(loaded, samples, selector: Selector | None, tail: int = 16) -> list[bool]:
+    """:func:`answer_passkeys` with every layer's attention restricted to ``selector``'s keys."""
+    with _selection_attention(loaded.model, selector):
+        return answer_passkeys(loaded, samples, tail)
 
 
 def main(argv=None) -> int:

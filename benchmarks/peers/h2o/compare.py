@@ -17,13 +17,11 @@ recent_ratio``; seqtool's default ``recent=0.5``). The official cache has no sin
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -148,22 +146,7 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
             row = {"depth": cap["depth"], "tail": tail, "budget": b, "cache": sizes(b, plen)[0], "prompt": plen,
                    "needle_heads": [f"{l}.{h}" for l, h, _ in heads],
                    "replica_vs_seqtool_cache_min_overlap_after_prefill": check, "selections": {}}
-            for name, per_layer in kept_all.items():
-                nr, ar, ov, mean_nr, mean_ar = {}, {}, {}, [], []
-                for layer, kept in per_layer.items():
-                    keep = eh.positions_mask(kept, t)
-                    n, a = sh.needle_recall(cap, layer, keep), sh.answer_recall(cap, layer, keep)
-                    o = eh.overlap(kept, kept_all[ref_name][layer], t)
-                    mean_nr.append(n.mean())
-                    mean_ar.append(a.mean())
-                    for ll, hh, _ in heads:
-                        if ll == layer:
-                            key = f"{ll}.{hh}"
-                            nr[key], ar[key], ov[key] = (round(float(n[hh]), 3), round(float(a[hh]), 3),
-                                                         round(float(o[hh]), 3))
-                row["selections"][name] = {"needle_recall": nr, "answer_recall": ar, "overlap_with_seqtool": ov,
-                                           "mean_needle_recall": round(float(torch.stack(mean_nr).mean()), 3),
-                                           "mean_answer_recall": round(float(torch.stack(mean_ar).mean()), 3)}
+            row["selections"] = eh.selection_scores(cap, kept_all, ref_name, heads)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("depth", "tail", "budget",
                                                    "replica_vs_seqtool_cache_min_overlap_after_prefill")}),
@@ -172,41 +155,22 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--official", type=Path, required=True, help="checkout of FMInference/H2O")
-    ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
-    ap.add_argument("--budgets", default="0.1,0.25,0.5")
-    ap.add_argument("--tails", default="16,0")
-    ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("-o", "--out", type=Path, required=True, help="output stem (.json is written)")
+    ap = eh.comparison_args(__doc__.split("\n")[0], "FMInference/H2O")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    mod = eh.load_official(args.official, "h2o_hf/utils_real_drop/modify_llama.py", "h2o_official")
-    budgets = [float(x) for x in args.budgets.split(",")]
-    tails = [int(x) for x in args.tails.split(",")]
-    loaded = sh.load_model("ref")
-    result = {"official_repo": "FMInference/H2O", "official_commit": eh.git_head(args.official),
-              "official_function": "h2o_hf/utils_real_drop/modify_llama.py: H2OKVCache_LayerWise.__call__",
-              "captures": [], "passkey": []}
+    mod, budgets, tails, loaded, result = eh.comparison_setup(
+        args, "FMInference/H2O", "h2o_hf/utils_real_drop/modify_llama.py", "h2o_official",
+        "H2OKVCache_LayerWise.__call__")
     for path in sorted(args.caps.glob("passkey-2048-*.pt")):
         result["captures"] += capture_rows(sh.load_capture(path), mod, budgets, tails, loaded)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if args.samples:
         samples = sh.passkey_samples(loaded, 2048, [0.25, 0.5, 0.75], args.samples, 0)
-        for tail in tails:
-            for b in budgets:
-                for name, make in (("official (H2OKVCache_LayerWise)", lambda: OfficialH2O(mod, b)),
-                                   ("seqtool (defaults: sinks=4, recent=0.5)", lambda: SeqtoolH2O(b))):
-                    pol = make()
-                    sel = eh.KeptSetSelector(pol.prefill, pol.decode)
-                    t0 = time.time()
-                    hits = eh.passkey(loaded, samples, sel, tail)
-                    row = {"selection": name, "tail": tail, "budget": b, "passkey": sum(hits) / len(hits),
-                           "hits": hits, "n": len(hits), "s": round(time.time() - t0)}
-                    result["passkey"].append(row)
-                    print(json.dumps(row), flush=True)
-                    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        def policy_selector(policy):
+            return eh.KeptSetSelector(policy.prefill, policy.decode)
+
+        eh.passkey_rows(loaded, {"official (H2OKVCache_LayerWise)": lambda b: policy_selector(OfficialH2O(mod, b)),
+                                 "seqtool (defaults: sinks=4, recent=0.5)": lambda b: policy_selector(SeqtoolH2O(b))},
+                        budgets, tails, samples, result, args.out)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -457,17 +457,8 @@ class _OfficialAttention:
 
 
 def passkey_e2e(loaded, samples, classes, inv_freq, params, perhead, tail: int = 16) -> list[bool]:
-    from seqtool.eval.generate import greedy_generate
-    from seqtool.eval.scoring import exact_match, stop_token_ids
-
-    tok = loaded.tokenizer
-    hits = []
-    with _OfficialAttention(loaded.model, classes, inv_freq, params, perhead), torch.no_grad():
-        for s in samples:
-            gen = greedy_generate(loaded.model, [s.input_ids], len(s.answer_ids) + 4, pad_id=tok.pad_token_id or 0,
-                                  stop_ids=stop_token_ids(tok), tail=tail)
-            hits.append(bool(exact_match(tok.decode(gen[0], skip_special_tokens=True), s.answer)))
-    return hits
+    with _OfficialAttention(loaded.model, classes, inv_freq, params, perhead):
+        return H.answer_passkeys(loaded, samples, tail)
 
 
 def render_md(r: dict) -> str:

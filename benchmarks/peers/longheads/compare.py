@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
-import math
 import subprocess
 import sys
 import time
@@ -338,9 +337,6 @@ class OfficialRunner:
 def passkey_official_selection(loaded, samples, runner: OfficialRunner) -> list[bool]:
     """Masked dense attention (original positions) restricted to the official selection: the harness's
     ``passkey_with_selector`` protocol, with ``v`` taken from the harness's observe hook."""
-    from seqtool.eval.generate import greedy_generate
-    from seqtool.eval.scoring import exact_match, stop_token_ids
-
     stash = {}
 
     def observe(layer, q, k, v, scale):
@@ -349,13 +345,8 @@ def passkey_official_selection(loaded, samples, runner: OfficialRunner) -> list[
     def selector(layer, q, k):
         return runner.run(layer, q, k, stash[layer])[1]
 
-    tok, hits = loaded.tokenizer, []
-    with H._selection_attention(loaded.model, selector, observe), torch.no_grad():
-        for s in samples:
-            gen = greedy_generate(loaded.model, [s.input_ids], len(s.answer_ids) + 4, pad_id=tok.pad_token_id or 0,
-                                  stop_ids=stop_token_ids(tok), tail=TAIL)
-            hits.append(bool(exact_match(tok.decode(gen[0], skip_special_tokens=True), s.answer)))
-    return hits
+    with H._selection_attention(loaded.model, selector, observe):
+        return H.answer_passkeys(loaded, samples, TAIL)
 
 
 class _official_attention:
@@ -388,34 +379,18 @@ class _official_attention:
 
 
 def passkey_official_attention(loaded, samples, runner: OfficialRunner) -> list[bool]:
-    from seqtool.eval.generate import greedy_generate
-    from seqtool.eval.scoring import exact_match, stop_token_ids
-
-    tok, hits = loaded.tokenizer, []
-    with _official_attention(loaded.model, runner), torch.no_grad():
-        for s in samples:
-            gen = greedy_generate(loaded.model, [s.input_ids], len(s.answer_ids) + 4, pad_id=tok.pad_token_id or 0,
-                                  stop_ids=stop_token_ids(tok), tail=TAIL)
-            hits.append(bool(exact_match(tok.decode(gen[0], skip_special_tokens=True), s.answer)))
-    return hits
+    with _official_attention(loaded.model, runner):
+        return H.answer_passkeys(loaded, samples, TAIL)
 
 
 def passkey_seqtool(loaded, samples, spec: str) -> list[bool]:
-    from seqtool.eval.generate import greedy_generate
-    from seqtool.eval.scoring import exact_match, stop_token_ids
     from seqtool.patches import apply_attn_spec
 
-    tok, hits = loaded.tokenizer, []
     handle = apply_attn_spec(loaded.model, spec)
     try:
-        with torch.no_grad():
-            for s in samples:
-                gen = greedy_generate(loaded.model, [s.input_ids], len(s.answer_ids) + 4,
-                                      pad_id=tok.pad_token_id or 0, stop_ids=stop_token_ids(tok), tail=TAIL)
-                hits.append(bool(exact_match(tok.decode(gen[0], skip_special_tokens=True), s.answer)))
+        return H.answer_passkeys(loaded, samples, TAIL)
     finally:
         handle.remove()
-    return hits
 
 
 # ---- report -------------------------------------------------------------------------------------------------------

@@ -20,11 +20,9 @@ the window) and ``tail=0`` (the official pipeline: whole prompt prefilled, quest
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,23 +134,7 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
                 f"{a} vs {b}": sum(untied_differences(e["q"][:, :plen], e["k"][:, :plen], kept_all[a][l][:, :c],
                                                       kept_all[b][l][:, :c], c, kk, pp)
                                    for l, e in cap["layers"].items()) if c < plen else 0 for a, b, kk, pp in SAME}
-            for name, per_layer in kept_all.items():
-                nr, ar, ov, mean_nr, mean_ar = {}, {}, {}, [], []
-                for layer, kept in per_layer.items():
-                    keep = eh.positions_mask(kept, t)
-                    n = sh.needle_recall(cap, layer, keep)
-                    a = sh.answer_recall(cap, layer, keep)
-                    o = eh.overlap(kept, kept_all[ref_name][layer], t)
-                    mean_nr.append(n.mean())
-                    mean_ar.append(a.mean())
-                    for ll, hh, _ in heads:
-                        if ll == layer:
-                            key = f"{ll}.{hh}"
-                            nr[key], ar[key], ov[key] = round(float(n[hh]), 3), round(float(a[hh]), 3), \
-                                round(float(o[hh]), 3)
-                row["selections"][name] = {"needle_recall": nr, "answer_recall": ar, "overlap_with_seqtool": ov,
-                                           "mean_needle_recall": round(float(torch.stack(mean_nr).mean()), 3),
-                                           "mean_answer_recall": round(float(torch.stack(mean_ar).mean()), 3)}
+            row["selections"] = eh.selection_scores(cap, kept_all, ref_name, heads)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("depth", "tail", "budget", "replica_vs_seqtool_cache_min_overlap",
                                                    "differing_keys_official_vs_seqtool_same_params",
@@ -162,41 +144,24 @@ def capture_rows(cap: dict, mod, budgets: list[float], tails: list[int], loaded)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--official", type=Path, required=True, help="checkout of FasterDecoding/SnapKV")
-    ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
-    ap.add_argument("--budgets", default="0.1,0.25,0.5")
-    ap.add_argument("--tails", default="16,0")
-    ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
+    ap = eh.comparison_args(__doc__.split("\n")[0], "FasterDecoding/SnapKV")
     ap.add_argument("--passkey-selections", default="official (avgpool k5 w32),seqtool (defaults: max k5 w32)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("-o", "--out", type=Path, required=True, help="output stem (.json is written)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    mod = eh.load_official(args.official, "snapkv/monkeypatch/snapkv_utils.py", "snapkv_official")
-    budgets = [float(x) for x in args.budgets.split(",")]
-    tails = [int(x) for x in args.tails.split(",")]
-    loaded = sh.load_model("ref")
-    result = {"official_repo": "FasterDecoding/SnapKV", "official_commit": eh.git_head(args.official),
-              "official_function": "snapkv/monkeypatch/snapkv_utils.py: SnapKVCluster.update_kv",
-              "captures": [], "passkey": []}
+    mod, budgets, tails, loaded, result = eh.comparison_setup(
+        args, "FasterDecoding/SnapKV", "snapkv/monkeypatch/snapkv_utils.py", "snapkv_official",
+        "SnapKVCluster.update_kv")
     for path in sorted(args.caps.glob("passkey-2048-*.pt")):
         result["captures"] += capture_rows(sh.load_capture(path), mod, budgets, tails, loaded)
     if args.samples:
         samples = sh.passkey_samples(loaded, 2048, [0.25, 0.5, 0.75], args.samples, 0)
         sels = selectors(mod)
-        for tail in tails:
-            for b in budgets:
-                for name in args.passkey_selections.split(","):
-                    fn = sels[name]
-                    sel = eh.KeptSetSelector(lambda layer, q, k, fn=fn, b=b: fn(q, k, capacity(b, q.shape[1])))
-                    t0 = time.time()
-                    hits = eh.passkey(loaded, samples, sel, tail)
-                    row = {"selection": name, "tail": tail, "budget": b, "passkey": sum(hits) / len(hits),
-                           "hits": hits, "n": len(hits), "s": round(time.time() - t0)}
-                    result["passkey"].append(row)
-                    print(json.dumps(row), flush=True)
-                    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+        def selector(fn, b):
+            return eh.KeptSetSelector(lambda layer, q, k: fn(q, k, capacity(b, q.shape[1])))
+
+        eh.passkey_rows(loaded, {name: (lambda b, fn=sels[name]: selector(fn, b))
+                                 for name in args.passkey_selections.split(",")},
+                        budgets, tails, samples, result, args.out)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -137,3 +137,70 @@ def git_head(path: Path) -> str:
     """The official checkout's commit, recorded in ``COMMIT`` next to it by the comparison's setup command."""
     f = path / "COMMIT"
     return f.read_text().strip() if f.exists() else "unknown"
+
+
+def comparison_args(description: str, repo: str):
+    """The command line both eviction comparisons take (``--official`` checkout of ``repo``, captures, budgets,
+    protocols by tail, passkey prompts per depth, threads, output stem); returns the ``ArgumentParser``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--official", type=Path, required=True, help=f"checkout of {repo}")
+    ap.add_argument("--caps", type=Path, default=Path("/tmp/caps"))
+    ap.add_argument("--budgets", default="0.1,0.25,0.5")
+    ap.add_argument("--tails", default="16,0")
+    ap.add_argument("--samples", type=int, default=1, help="passkey prompts per depth (0: skip passkey)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("-o", "--out", type=Path, required=True, help="output stem (.json is written)")
+    return ap
+
+
+def comparison_setup(args, repo: str, rel: str, name: str, function: str):
+    """(official module, budgets, tails, loaded ``ref``, result dict) for a comparison's ``args``."""
+    torch.set_num_threads(args.threads)
+    mod = load_official(args.official, rel, name)
+    budgets = [float(x) for x in args.budgets.split(",")]
+    tails = [int(x) for x in args.tails.split(",")]
+    result = {"official_repo": repo, "official_commit": git_head(args.official),
+              "official_function": f"{rel}: {function}", "captures": [], "passkey": []}
+    return mod, budgets, tails, sh.load_model("ref"), result
+
+
+def passkey_rows(loaded, selections, budgets, tails, samples, result: dict, out: Path) -> None:
+    """Passkey of every ``selections`` entry (``name -> make(budget) -> KeptSetSelector``) per tail and budget,
+    appended to ``result["passkey"]`` and written to ``out`` (.json) after each row."""
+    import json
+    import time
+
+    for tail in tails:
+        for b in budgets:
+            for name, make in selections.items():
+                t0 = time.time()
+                hits = passkey(loaded, samples, make(b), tail)
+                row = {"selection": name, "tail": tail, "budget": b, "passkey": sum(hits) / len(hits),
+                       "hits": hits, "n": len(hits), "s": round(time.time() - t0)}
+                result["passkey"].append(row)
+                print(json.dumps(row), flush=True)
+                out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+
+def selection_scores(cap: dict, kept_all: dict, reference: str, heads) -> dict:
+    """Per selection (``name -> {layer: (H, n) kept positions}``): needle recall, answer recall and overlap with
+    ``reference``'s kept set on each needle head (``(layer, head, mass)``), plus the means over every head."""
+    t = len(cap["input_ids"])
+    out = {}
+    for name, per_layer in kept_all.items():
+        nr, ar, ov, mean_nr, mean_ar = {}, {}, {}, [], []
+        for layer, kept in per_layer.items():
+            keep = positions_mask(kept, t)
+            n, a = sh.needle_recall(cap, layer, keep), sh.answer_recall(cap, layer, keep)
+            o = overlap(kept, kept_all[reference][layer], t)
+            mean_nr.append(n.mean())
+            mean_ar.append(a.mean())
+            for hh in (h for ll, h, _ in heads if ll == layer):
+                key = f"{layer}.{hh}"
+                nr[key], ar[key], ov[key] = round(float(n[hh]), 3), round(float(a[hh]), 3), round(float(o[hh]), 3)
+        out[name] = {"needle_recall": nr, "answer_recall": ar, "overlap_with_seqtool": ov,
+                     "mean_needle_recall": round(float(torch.stack(mean_nr).mean()), 3),
+                     "mean_answer_recall": round(float(torch.stack(mean_ar).mean()), 3)}
+    return out
