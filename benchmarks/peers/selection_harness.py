@@ -20,6 +20,7 @@ Shapes: ``Hq`` query heads, ``Hkv`` KV heads, ``T`` prompt tokens, ``D`` head di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -143,48 +144,49 @@ def kept_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- plugging a selection into a model (diagnostic: dense scores, masked) ------------------------------------------
-class _selection_attention:
-    """Context manager: every attention layer of ``model`` runs masked dense attention under ``selector`` and
-    reports ``(layer, q, k, v, scale)`` to ``observe`` (post-RoPE, k/v with the cache's past)."""
+@contextlib.contextmanager
+def attention_function(model, attend):
+    """Every attention layer of ``model`` runs ``attend(module, query, key, value, attention_mask, **kwargs) ->
+    (out (B, Tq, Hq, D), None)`` (transformers' ``AttentionInterface`` contract) inside the block; a batch of one,
+    so no padding mask. The model's previous implementation is restored after."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
-    def __init__(self, model, selector: Selector | None, observe=None):
-        self.model, self.selector, self.observe = model, selector, observe
-
-    def __enter__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-            layer = module.layer_idx
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            if self.observe is not None:
-                self.observe(layer, query, key, value, scale)
-            g = query.shape[1] // key.shape[1]
-            k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-            s = (query @ k.transpose(-1, -2)).float() * scale
-            tq, tk = query.shape[2], key.shape[2]
-            qpos = torch.arange(tk - tq, tk, device=query.device)[:, None]
-            allowed = torch.arange(tk, device=query.device)[None, :] <= qpos
-            keep = self.selector(layer, query, key) if self.selector is not None else None
-            if keep is not None:
-                allowed = allowed & keep
-            s = s.masked_fill(~allowed, float("-inf"))
-            out = torch.softmax(s, -1).to(v.dtype) @ v
-            return out.transpose(1, 2).contiguous(), None
-
-        AttentionInterface.register(ATTN_NAME, attend)
-        AttentionMaskInterface.register(ATTN_NAME, lambda *a, **k: None)  # batch of one: no padding
-        self.previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation(ATTN_NAME)
-        return self
-
-    def __exit__(self, *exc):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        self.model.set_attn_implementation(self.previous or "sdpa")
+    AttentionInterface.register(ATTN_NAME, attend)
+    AttentionMaskInterface.register(ATTN_NAME, lambda *a, **k: None)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous or "sdpa")
         AttentionInterface._global_mapping.pop(ATTN_NAME, None)
         AttentionMaskInterface._global_mapping.pop(ATTN_NAME, None)
+
+
+def _selection_attention(model, selector: Selector | None, observe=None):
+    """Every attention layer of ``model`` runs masked dense attention under ``selector`` and reports
+    ``(layer, q, k, v, scale)`` to ``observe`` (post-RoPE, k/v with the cache's past)."""
+
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layer = module.layer_idx
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if observe is not None:
+            observe(layer, query, key, value, scale)
+        g = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        s = (query @ k.transpose(-1, -2)).float() * scale
+        tq, tk = query.shape[2], key.shape[2]
+        qpos = torch.arange(tk - tq, tk, device=query.device)[:, None]
+        allowed = torch.arange(tk, device=query.device)[None, :] <= qpos
+        keep = selector(layer, query, key) if selector is not None else None
+        if keep is not None:
+            allowed = allowed & keep
+        s = s.masked_fill(~allowed, float("-inf"))
+        out = torch.softmax(s, -1).to(v.dtype) @ v
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention_function(model, attend)
 
 
 def answer_passkeys(loaded, samples, tail: int = 16) -> list[bool]:

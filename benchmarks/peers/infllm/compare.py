@@ -420,44 +420,25 @@ def seqtool_selector(budget: float, scale: float) -> H.Selector:
     return select
 
 
-class _OfficialAttention:
+def _official_attention(model, classes, inv_freq, params, perhead):
     """Every attention layer of ``model`` returns the official ``ContextManager``'s output (InfLLM end to end)."""
+    layers: dict[int, OfficialLayer] = {}
 
-    def __init__(self, model, classes, inv_freq, params, perhead):
-        self.model, self.classes, self.inv_freq, self.params, self.perhead = model, classes, inv_freq, params, perhead
-        self.layers: dict[int, OfficialLayer] = {}
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layer, tq, tk = module.layer_idx, query.shape[2], key.shape[2]
+        if tq == tk or layer not in layers:
+            layers[layer] = OfficialLayer(classes, inv_freq, params, perhead)
+        cos, sin = _rope(inv_freq, torch.arange(tk - tq, tk))
+        qp = H._unrotate(query[0].float(), cos, sin)
+        kp = H._unrotate(key[0, :, tk - tq:].float(), cos, sin)
+        o, _ = layers[layer].feed(qp, kp, value[0, :, tk - tq:].float())
+        return o[None].to(query.dtype).transpose(1, 2).contiguous(), None
 
-    def __enter__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-            layer, tq, tk = module.layer_idx, query.shape[2], key.shape[2]
-            if tq == tk or layer not in self.layers:
-                self.layers[layer] = OfficialLayer(self.classes, self.inv_freq, self.params, self.perhead)
-            cos, sin = _rope(self.inv_freq, torch.arange(tk - tq, tk))
-            qp = H._unrotate(query[0].float(), cos, sin)
-            kp = H._unrotate(key[0, :, tk - tq:].float(), cos, sin)
-            o, _ = self.layers[layer].feed(qp, kp, value[0, :, tk - tq:].float())
-            return o[None].to(query.dtype).transpose(1, 2).contiguous(), None
-
-        AttentionInterface.register("infllm_official", attend)
-        AttentionMaskInterface.register("infllm_official", lambda *a, **k: None)
-        self.previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation("infllm_official")
-        return self
-
-    def __exit__(self, *exc):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        self.model.set_attn_implementation(self.previous or "sdpa")
-        AttentionInterface._global_mapping.pop("infllm_official", None)
-        AttentionMaskInterface._global_mapping.pop("infllm_official", None)
+    return H.attention_function(model, attend)
 
 
 def passkey_e2e(loaded, samples, classes, inv_freq, params, perhead, tail: int = 16) -> list[bool]:
-    with _OfficialAttention(loaded.model, classes, inv_freq, params, perhead):
+    with _official_attention(loaded.model, classes, inv_freq, params, perhead):
         return H.answer_passkeys(loaded, samples, tail)
 
 

@@ -349,33 +349,14 @@ def passkey_official_selection(loaded, samples, runner: OfficialRunner) -> list[
         return H.answer_passkeys(loaded, samples, TAIL)
 
 
-class _official_attention:
+def _official_attention(model, runner: OfficialRunner):
     """Every attention layer returns the official LongHeads output (re-encoded positions, as the paper runs)."""
 
-    def __init__(self, model, runner: OfficialRunner):
-        self.model, self.runner = model, runner
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        out, _ = runner.run(module.layer_idx, query, key, value)
+        return out.transpose(1, 2).contiguous(), None
 
-    def __enter__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-            out, _ = self.runner.run(module.layer_idx, query, key, value)
-            return out.transpose(1, 2).contiguous(), None
-
-        AttentionInterface.register(H.ATTN_NAME, attend)
-        AttentionMaskInterface.register(H.ATTN_NAME, lambda *a, **k: None)
-        self.previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation(H.ATTN_NAME)
-        return self
-
-    def __exit__(self, *exc):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        self.model.set_attn_implementation(self.previous or "sdpa")
-        AttentionInterface._global_mapping.pop(H.ATTN_NAME, None)
-        AttentionMaskInterface._global_mapping.pop(H.ATTN_NAME, None)
+    return H.attention_function(model, attend)
 
 
 def passkey_official_attention(loaded, samples, runner: OfficialRunner) -> list[bool]:
